@@ -1,0 +1,143 @@
+"""Standard segmentation losses: cross-entropy, Dice and focal loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectseg.losses.registry import register_loss
+
+
+def check_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise a ``ValueError`` naming the shapes if ``logits``/``target`` break the loss contract."""
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    if target.ndim != 3 or target.shape[0] != logits.shape[0] or target.shape[1:] != logits.shape[2:]:
+        raise ValueError(
+            f"target must be (B, H, W) matching logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
+def one_hot_valid(target: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(one_hot (B, C, H, W) float, valid (B, 1, H, W) float)`` with ignored pixels zeroed."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target)).long()
+    one_hot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float()
+    valid_f = valid.unsqueeze(1).float()
+    return one_hot * valid_f, valid_f
+
+
+@register_loss("ce")
+class CrossEntropyLoss(nn.Module):
+    """Pixel-wise cross-entropy, averaged over the pixels that are not ignored.
+
+    Args:
+        weight: optional per-class weights (length C).
+        ignore_index: mask value to ignore.
+        label_smoothing: as in :func:`torch.nn.functional.cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        weight: Sequence[float] | None = None,
+        ignore_index: int = 255,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.register_buffer(
+            "weight", torch.as_tensor(weight, dtype=torch.float32) if weight is not None else None
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_inputs(logits, target)
+        if not (target != self.ignore_index).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(
+            logits.float(),
+            target.long(),
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+@register_loss("dice")
+class DiceLoss(nn.Module):
+    """Soft multi-class Dice loss, ``1 - mean_k (2 I_k + s) / (P_k + T_k + s)``.
+
+    Sums run over the whole batch and all non-ignored pixels; ``P_k`` is the sum of the softmax
+    probabilities of class k, ``T_k`` its pixel count in the target and ``I_k`` their overlap.
+
+    Every class is averaged, including classes absent from the batch: for an absent class the
+    term is ``1 - s / (P_k + s)``, which is 0 when nothing is predicted and grows with the
+    predicted probability mass. So, unlike segmentation-models-pytorch's Dice (which drops
+    absent classes), this loss penalises false positives on defect-free images, and on an
+    all-background batch with a perfect prediction it is 0.
+
+    Args:
+        smooth: ``s`` above (avoids 0/0; a larger value softens small classes).
+        include_background: average class 0 too.
+        ignore_index: mask value to ignore.
+    """
+
+    def __init__(self, smooth: float = 1.0, include_background: bool = True, ignore_index: int = 255) -> None:
+        super().__init__()
+        if smooth <= 0:
+            raise ValueError(f"smooth must be > 0, got {smooth}")
+        self.smooth = smooth
+        self.include_background = include_background
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_inputs(logits, target)
+        probs = logits.float().softmax(dim=1)
+        one_hot, valid = one_hot_valid(target, logits.shape[1], self.ignore_index)
+        probs = probs * valid
+        dims = (0, 2, 3)
+        intersection = (probs * one_hot).sum(dims)
+        cardinality = probs.sum(dims) + one_hot.sum(dims)
+        dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
+        if not self.include_background:
+            dice = dice[1:]
+        return 1.0 - dice.mean()
+
+
+@register_loss("focal")
+class FocalLoss(nn.Module):
+    """Multi-class focal loss ``-alpha_k (1 - p_k)^gamma log p_k``, averaged over valid pixels.
+
+    Args:
+        gamma: focusing parameter (0 gives alpha-weighted cross-entropy).
+        alpha: per-class weights (length C) or ``None`` for 1 everywhere.
+        ignore_index: mask value to ignore.
+    """
+
+    def __init__(self, gamma: float = 2.0, alpha: Sequence[float] | None = None, ignore_index: int = 255) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = gamma
+        self.ignore_index = ignore_index
+        self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32) if alpha is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        check_inputs(logits, target)
+        valid = target != self.ignore_index
+        if not valid.any():
+            return logits.sum() * 0.0
+        safe = torch.where(valid, target, torch.zeros_like(target)).long()
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+        p = log_p.exp()
+        loss = -((1.0 - p).clamp(min=0) ** self.gamma) * log_p
+        if self.alpha is not None:
+            if self.alpha.numel() != logits.shape[1]:
+                raise ValueError(f"alpha has {self.alpha.numel()} values but logits have {logits.shape[1]} classes")
+            loss = loss * self.alpha.to(loss.device)[safe]
+        return loss[valid].mean()

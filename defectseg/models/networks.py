@@ -1,0 +1,169 @@
+"""Plain ``nn.Module`` segmentation networks (no Lightning here).
+
+Networks come from segmentation-models-pytorch by architecture and encoder name; nothing is
+ever downloaded (``encoder_weights`` is always ``None``): pretrained weights come from a local
+file through :func:`load_weights`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from defectseg.data.contract import round_up
+
+
+def available_architectures() -> list[str]:
+    """Architecture names accepted by :func:`build_network` (case-insensitive)."""
+    return sorted(cls.__name__ for cls in smp.MODEL_ARCHITECTURES_MAPPING.values())
+
+
+def architecture_class(arch: str) -> type[nn.Module]:
+    """The segmentation-models-pytorch class of ``arch``, with a clear error for unknown names."""
+    cls = smp.MODEL_ARCHITECTURES_MAPPING.get(str(arch).lower())
+    if cls is None:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {available_architectures()}")
+    return cls
+
+
+def build_network(
+    arch: str = "Unet",
+    encoder: str = "resnet18",
+    encoder_depth: int = 5,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    decoder_channels: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a segmentation-models-pytorch network with random weights.
+
+    Args:
+        arch: architecture name, e.g. ``Unet``, ``UnetPlusPlus``, ``FPN``, ``DeepLabV3Plus``.
+        encoder: encoder name, e.g. ``resnet18``, ``mobilenet_v2``, ``efficientnet-b0`` or any
+            timm encoder with the ``tu-`` prefix (``tu-mobilenetv3_small_100``).
+        encoder_depth: number of encoder stages used (3 to 5).
+        in_channels: image channels.
+        num_classes: output channels (background included).
+        decoder_channels: decoder widths for Unet-like architectures; by default smp's widths
+            cut to ``encoder_depth`` stages.
+        **kwargs: other arguments of the architecture.
+    """
+    cls = architecture_class(arch)
+    params: dict[str, Any] = dict(kwargs)
+    signature_params = inspect.signature(cls.__init__).parameters
+    if "encoder_depth" in signature_params:
+        params["encoder_depth"] = encoder_depth
+    if "decoder_channels" in signature_params and cls in (smp.Unet, smp.UnetPlusPlus, smp.MAnet):
+        params["decoder_channels"] = tuple(decoder_channels or (256, 128, 64, 32, 16)[:encoder_depth])
+    elif decoder_channels is not None:
+        params["decoder_channels"] = decoder_channels
+    try:
+        return cls(
+            encoder_name=encoder,
+            encoder_weights=None,
+            in_channels=in_channels,
+            classes=num_classes,
+            **params,
+        )
+    except KeyError as err:
+        if "encoder" in str(err).lower():
+            names = smp.encoders.get_encoder_names()
+            raise ValueError(
+                f"unknown encoder {encoder!r}; choose one of segmentation-models-pytorch's encoders "
+                f"({', '.join(names[:12])}, ... {len(names)} in all) or a timm encoder with the "
+                f"'tu-' prefix, e.g. 'tu-mobilenetv3_small_100'"
+            ) from None
+        raise
+
+
+class PadToMultiple(nn.Module):
+    """Wrap a network so inputs of any size work: pad to a multiple, run, crop back.
+
+    Padding is added at the bottom and on the right by reflection (replication for tiny inputs).
+    """
+
+    def __init__(self, network: nn.Module, multiple: int = 32) -> None:
+        super().__init__()
+        self.network = network
+        self.multiple = multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h = round_up(height, self.multiple) - height
+        pad_w = round_up(width, self.multiple) - width
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+        out = self.network(x)
+        return out[..., :height, :width]
+
+
+_PREFIXES = ("net.network.", "network.", "net.", "model.", "module.")
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(network: nn.Module, path: str | os.PathLike) -> str:
+    """Load weights from a local file into ``network`` (an smp model).
+
+    Accepts a plain state dict of the whole network, a Lightning checkpoint of a defectseg
+    model, or an encoder-only state dict (such as ImageNet weights of a torchvision/timm
+    backbone saved to disk). Files are read with ``weights_only=True``.
+
+    Returns:
+        ``"network"`` or ``"encoder"``: what was loaded.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: nothing in the file matches the network.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"weights file {path!r} does not exist; give the path of a local state dict or "
+            "checkpoint (nothing is downloaded), or set weights: null for random initialisation"
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    full = {k: v for k, v in state.items() if not k.startswith(("loss_fn.", "criterion."))}
+    full = _strip({k: v for k, v in full.items() if "metric" not in k})
+    own = network.state_dict()
+    if set(full) == set(own):
+        mismatched = [k for k in own if own[k].shape != full[k].shape]
+        if mismatched:
+            raise ValueError(
+                f"{path} matches the network's layers but not their shapes, e.g. {mismatched[0]}: "
+                f"file {tuple(full[mismatched[0]].shape)} vs network {tuple(own[mismatched[0]].shape)} "
+                "(different num_classes or in_channels?)"
+            )
+        network.load_state_dict(full)
+        return "network"
+    encoder_state = {k[len("encoder.") :]: v for k, v in full.items() if k.startswith("encoder.")} or full
+    encoder = network.encoder
+    enc_own = encoder.state_dict()
+    matched = {k: v for k, v in encoder_state.items() if k in enc_own and enc_own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(
+            f"no tensor in {path} matches the network or its encoder ({type(encoder).__name__}); "
+            "is it the weights of another architecture or encoder?"
+        )
+    missing = len(enc_own) - len(matched)
+    if missing:
+        warnings.warn(f"{path}: {missing} encoder tensors were not in the file and stay random", stacklevel=2)
+    encoder.load_state_dict(matched, strict=False)
+    return "encoder"

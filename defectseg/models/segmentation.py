@@ -1,0 +1,225 @@
+"""The supervised segmentation LightningModule, parameterised by its network and its loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from defectseg.data.contract import IGNORE_INDEX, check_batch
+from defectseg.losses import CombinedLoss, build_loss
+from defectseg.metrics import SegmentationIoU, summarize_iou
+from defectseg.models.networks import PadToMultiple, build_network, load_weights
+
+
+class SegmentationModule(L.LightningModule):
+    """Supervised semantic segmentation of surface defects.
+
+    The network is a plain ``nn.Module`` built by :meth:`configure_network`; override it to use
+    your own. Losses come from the registry (:func:`defectseg.losses.build_loss`).
+
+    Args:
+        num_classes: classes, background included (the CLI links it from the datamodule).
+        class_names: class names, background first (linked from the datamodule); used to name
+            the per-class metrics.
+        arch: segmentation-models-pytorch architecture (``Unet``, ``UnetPlusPlus``, ``FPN``,
+            ``Linknet``, ``PSPNet``, ``DeepLabV3``, ``DeepLabV3Plus``, ``MAnet``, ``PAN``...).
+        encoder: encoder name, including timm encoders as ``tu-<name>``.
+        encoder_depth: encoder stages (3 to 5).
+        decoder_channels: decoder widths for Unet-like architectures.
+        in_channels: image channels (linked from the datamodule).
+        weights: ``None`` (random initialisation, nothing downloaded) or the path of a local
+            state dict, encoder state dict or defectseg checkpoint.
+        loss: a registered loss name, a weighted sum such as ``"balanced + 0.5 * dice"``, or any
+            ``nn.Module`` with the loss contract.
+        loss_kwargs: arguments of the loss (``{name: {...}}`` per term for a sum).
+        ignore_index: mask value to ignore in the loss and the metrics.
+        lr: learning rate of the default optimizer (AdamW).
+        weight_decay: weight decay of the default optimizer.
+        optimizer: optimizer factory from YAML (``class_path``/``init_args``); default AdamW.
+        lr_scheduler: scheduler factory from YAML; default cosine annealing to 0 over the whole
+            run, stepped every batch.
+        mean: normalisation mean of the images (linked from the datamodule; stored so a
+            checkpoint can predict on raw images).
+        std: normalisation std (likewise).
+        pad_multiple: inputs are padded to this multiple inside the network and cropped back.
+        arch_kwargs: further arguments of the architecture.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 5,
+        class_names: list[str] | None = None,
+        arch: str = "Unet",
+        encoder: str = "resnet18",
+        encoder_depth: int = 5,
+        decoder_channels: list[int] | None = None,
+        in_channels: int = 3,
+        weights: str | None = None,
+        loss: str | nn.Module = "ce",
+        loss_kwargs: dict[str, Any] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        pad_multiple: int = 32,
+        arch_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and at least one defect), got {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} names {list(class_names)} but num_classes={num_classes}"
+            )
+        ignore = ["optimizer", "lr_scheduler"]
+        if isinstance(loss, nn.Module):
+            ignore.append("loss")
+        self.save_hyperparameters(ignore=ignore)
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else ["background"] + [
+            f"class_{k}" for k in range(1, num_classes)
+        ]
+        # kept out of nn.Module registration: build_loss returns the module itself
+        self.__dict__["_loss_spec"] = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # ------------------------------------------------------------------ configuration
+    def configure_network(self) -> nn.Module:
+        """Build the network (a plain ``nn.Module`` mapping images to logits). Override freely."""
+        h = self.hparams
+        return build_network(
+            arch=h.arch,
+            encoder=h.encoder,
+            encoder_depth=h.encoder_depth,
+            in_channels=h.in_channels,
+            num_classes=self.num_classes,
+            decoder_channels=h.decoder_channels,
+            **(h.arch_kwargs or {}),
+        )
+
+    def configure_models(self) -> None:
+        """Create ``self.net`` (the padded network) and load ``weights`` if given."""
+        network = self.configure_network()
+        if self.hparams.weights:
+            load_weights(network, self.hparams.weights)
+        self.net = PadToMultiple(network, self.hparams.pad_multiple)
+
+    def loss_context(self) -> dict[str, Any]:
+        """Values that losses may take from the model (``num_classes``...)."""
+        return {"num_classes": self.num_classes}
+
+    def configure_losses(self) -> None:
+        """Create ``self.loss_fn`` from the ``loss`` argument."""
+        self.loss_fn = build_loss(
+            self._loss_spec, ignore_index=self.hparams.ignore_index, loss_kwargs=self.hparams.loss_kwargs,
+            context=self.loss_context(),
+        )
+
+    def configure_metrics(self) -> None:
+        """Create the validation and test IoU metrics."""
+        self.val_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
+        self.test_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, num_classes, H, W)`` for normalised images ``(B, C, H, W)`` of any size."""
+        return self.net(image)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the datamodule "
+                f"{type(datamodule).__name__} has {data_classes} classes {getattr(datamodule, 'class_names', '')}; "
+                "set model.num_classes to match (the defectseg CLI links it for you)"
+            )
+        data_channels = getattr(datamodule, "in_channels", None)
+        if data_channels is not None and data_channels != self.hparams.in_channels:
+            raise ValueError(
+                f"model.in_channels={self.hparams.in_channels} but the datamodule serves "
+                f"{data_channels}-channel images; set them equal"
+            )
+
+    # ------------------------------------------------------------------ steps
+    def compute_loss(self, logits: torch.Tensor, mask: torch.Tensor, prefix: str) -> torch.Tensor:
+        """Loss of ``logits`` against ``mask``; logs it (and each term of a sum) under ``prefix``."""
+        loss = self.loss_fn(logits, mask)
+        batch_size = mask.shape[0]
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "train", batch_size=batch_size, sync_dist=prefix != "train")
+        if isinstance(self.loss_fn, CombinedLoss) and prefix == "train":
+            for name, value in getattr(self.loss_fn, "last_terms", {}).items():
+                self.log(f"{prefix}/loss_{name}", value, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if batch_idx == 0:
+            check_batch(batch, self.num_classes)
+        logits = self(batch["image"])
+        return self.compute_loss(logits, batch["mask"], "train")
+
+    def _eval_step(self, batch: dict[str, Any], prefix: str, metric: SegmentationIoU) -> dict[str, Any]:
+        logits = self(batch["image"])
+        self.compute_loss(logits, batch["mask"], prefix)
+        preds = logits.argmax(dim=1)
+        metric.update(preds, batch["mask"])
+        return {"preds": preds}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val", self.val_iou)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test", self.test_iou)
+
+    def _log_iou(self, prefix: str, metric: SegmentationIoU) -> None:
+        iou = metric.compute()  # synced across devices by torchmetrics
+        metric.reset()
+        for name, value in zip(self.class_names, iou.tolist()):
+            if value == value:  # not nan: the class appeared in targets or predictions
+                self.log(f"{prefix}/iou/{name}", value, sync_dist=False)
+        summary = summarize_iou(iou)
+        self.log(f"{prefix}/miou", summary["miou"], sync_dist=False)
+        self.log(f"{prefix}/miou_defect", summary["miou_defect"], prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_iou("val", self.val_iou)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_iou("test", self.test_iou)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = self(batch["image"]).float().softmax(dim=1)
+        confidence, mask = probs.max(dim=1)
+        return {"mask": mask.to(torch.uint8), "confidence": confidence, "path": batch["path"]}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(self.parameters())
+        else:
+            optimizer = torch.optim.AdamW(
+                self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+            )
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                return {
+                    "optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"},
+                }
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
