@@ -36,6 +36,11 @@ from defectseg.data.contract import IGNORE_INDEX, collate_batch, default_normali
 SPLITS = ("train", "val", "test")
 
 
+def default_data_root() -> str:
+    """``$DEFECTSEG_DATA_ROOT``, or ``../shared/datasets`` (relative to the working directory)."""
+    return os.environ.get("DEFECTSEG_DATA_ROOT", os.path.join("..", "shared", "datasets"))
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """Raised when a dataset's root folder, or the layout expected inside it, is missing."""
 
@@ -339,7 +344,8 @@ class DefectDataModule(L.LightningDataModule):
     """Base class of every defectseg datamodule.
 
     Args:
-        root: folder that holds the dataset (formats that read files).
+        root: folder that holds the dataset (formats that read files). When omitted, formats
+            with a ``DEFAULT_SUBDIR`` look in ``$DEFECTSEG_DATA_ROOT/<DEFAULT_SUBDIR>``.
         batch_size: images per training batch (validation and test use the same).
         num_workers: DataLoader worker processes.
         split: ``official`` to use the dataset's own split (val carved from train when the
@@ -374,6 +380,9 @@ class DefectDataModule(L.LightningDataModule):
     SOURCE: str = ""
     #: The layout expected under ``root``, printed when the root is missing.
     LAYOUT: str = ""
+    #: Folder of this dataset under ``$DEFECTSEG_DATA_ROOT`` (default ``../shared/datasets``),
+    #: used when ``root`` is not given.
+    DEFAULT_SUBDIR: str = ""
     #: Whether the scan result is cached on disk.
     CACHE_METADATA: bool = True
 
@@ -417,6 +426,8 @@ class DefectDataModule(L.LightningDataModule):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if split not in (None, "official", "stratified") and not self._accepts_split(split):
             raise ValueError(f"split must be 'official' or 'stratified', got {split!r}")
+        if root is None and self.DEFAULT_SUBDIR:
+            root = os.path.join(default_data_root(), self.DEFAULT_SUBDIR)
         self.root = os.path.expanduser(os.path.expandvars(str(root))) if root is not None else None
         self.batch_size = batch_size
         self.num_workers = num_workers

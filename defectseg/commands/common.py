@@ -1,4 +1,4 @@
-"""Extra ``defectseg`` commands that are not Lightning subcommands, and their helpers."""
+"""Helpers shared by the extra ``defectseg`` commands: reading configs, building a datamodule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 
-from defectseg.cli import register_command
 from defectseg.data.base import DefectDataModule
 
 
@@ -44,7 +43,7 @@ def load_config(configs: Sequence[str], overrides: Sequence[str] = ()) -> dict[s
         if not os.path.isfile(path):
             raise SystemExit(f"config file {path!r} does not exist")
         with open(path) as handle:
-            text = os.path.expandvars(handle.read()) if "${" in open(path).read() else handle.read()
+            loaded = yaml.safe_load(handle.read()) or {}
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise SystemExit(f"config file {path!r} does not hold a mapping")
@@ -81,19 +80,8 @@ def format_statistics(datamodule: DefectDataModule, split: str | None = None) ->
     return "\n".join(lines)
 
 
-def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"defectseg {prog}", description=description)
     parser.add_argument("--config", "-c", action="append", default=[], required=True, help="YAML config (repeatable)")
     parser.add_argument("overrides", nargs="*", help="overrides such as data.init_args.root=/data/mt")
     return parser
-
-
-@register_command("stats", "print per-class pixel and image ratios of a config's dataset")
-def stats_command(argv: list[str]) -> int:
-    parser = _config_parser("stats", "Per-class statistics (pixel ratio, image ratio) of a dataset.")
-    parser.add_argument("--split", choices=["train", "val", "test"], default=None, help="one split only")
-    args = parser.parse_args(argv)
-    datamodule = load_datamodule(args.config, args.overrides)
-    print(f"{type(datamodule).__name__}: {len(datamodule.metadata)} images ({datamodule.describe()})")
-    print(format_statistics(datamodule, args.split))
-    return 0
