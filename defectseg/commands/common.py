@@ -44,7 +44,6 @@ def load_config(configs: Sequence[str], overrides: Sequence[str] = ()) -> dict[s
             raise SystemExit(f"config file {path!r} does not exist")
         with open(path) as handle:
             loaded = yaml.safe_load(handle.read()) or {}
-        loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
             raise SystemExit(f"config file {path!r} does not hold a mapping")
         config = _merge(config, loaded)
