@@ -66,7 +66,7 @@ def build_network(
     elif decoder_channels is not None:
         params["decoder_channels"] = decoder_channels
     try:
-        return cls(
+        network = cls(
             encoder_name=encoder,
             encoder_weights=None,
             in_channels=in_channels,
@@ -82,6 +82,50 @@ def build_network(
                 f"'tu-' prefix, e.g. 'tu-mobilenetv3_small_100'"
             ) from None
         raise
+    prune_unused_modules(network, in_channels)
+    return network
+
+
+def prune_unused_modules(network: nn.Module, in_channels: int, size: int = 64) -> list[str]:
+    """Replace layers that a forward pass never calls by ``nn.Identity``.
+
+    segmentation-models-pytorch keeps every encoder stage even when ``encoder_depth`` uses
+    fewer; those parameters never receive a gradient, which breaks DDP ("parameters that were
+    not used in producing the loss") and wastes optimizer time. One forward pass on a dummy
+    input finds them.
+
+    Returns:
+        The names of the replaced modules.
+    """
+    called: set[int] = set()
+    hooks = [
+        module.register_forward_hook(lambda m, *_: called.add(id(m)))
+        for module in network.modules()
+        if any(True for _ in module.parameters(recurse=False))
+    ]
+    was_training = network.training
+    try:
+        network.eval()
+        with torch.no_grad():
+            network(torch.zeros(1, in_channels, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        network.train(was_training)
+    pruned = []
+    for name, module in list(network.named_modules()):
+        if not name or id(module) in called or not any(True for _ in module.parameters()):
+            continue
+        if any(name.startswith(done + ".") for done in pruned):
+            continue
+        if any(id(sub) in called for sub in module.modules()):
+            continue  # partly used: prune its unused children instead
+        parent_name, _, child = name.rpartition(".")
+        parent = network.get_submodule(parent_name) if parent_name else network
+        if getattr(parent, child, None) is module:
+            setattr(parent, child, nn.Identity())
+            pruned.append(name)
+    return pruned
 
 
 class PadToMultiple(nn.Module):
@@ -103,6 +147,10 @@ class PadToMultiple(nn.Module):
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
         out = self.network(x)
+        if out.shape[-2:] != x.shape[-2:]:
+            # some architecture/depth pairs (e.g. FPN with encoder_depth 4) upsample by a fixed
+            # factor that does not return the input size: resample to it
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return out[..., :height, :width]
 
 
@@ -143,6 +191,9 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> str:
     full = {k: v for k, v in state.items() if not k.startswith(("loss_fn.", "criterion."))}
     full = _strip({k: v for k, v in full.items() if "metric" not in k})
     own = network.state_dict()
+    if not any(k.startswith("aux_decoders.") for k in own):
+        # a UAPS checkpoint into a plain network: its main path has the plain network's names
+        full = {k: v for k, v in full.items() if not k.startswith("aux_decoders.")}
     if set(full) == set(own):
         mismatched = [k for k in own if own[k].shape != full[k].shape]
         if mismatched:
