@@ -51,9 +51,11 @@ def main() -> None:
     print(f"| metric | last epoch ({last['epoch']}) | best epoch ({best['epoch']}) |")
     print("|---|---:|---:|")
     print(f"| wall time (s) | {wall:.0f} | |")
+    def fmt(row: dict[str, str], key: str) -> str:
+        return f"{float(row[key]):.3f}" if row.get(key) else "-"
+
     for key in ["val/miou_defect", "val/miou", *classes]:
-        fmt = lambda r: f"{float(r[key]):.3f}" if r.get(key) else "-"  # noqa: E731
-        print(f"| {key} | {fmt(last)} | {fmt(best)} |")
+        print(f"| {key} | {fmt(last, key)} | {fmt(best, key)} |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,20 @@ The package is organised by concern:
 * :mod:`defectseg.models` -- plain ``nn.Module`` networks and the LightningModules that train
   them (:class:`SegmentationModule`).
 * :mod:`defectseg.cli` -- the ``defectseg`` LightningCLI.
+* :mod:`defectseg.inference` -- :class:`Predictor` for raw images, reports, ONNX/TorchScript
+  export (``defectseg.Predictor`` is imported lazily, so ``import defectseg`` stays light).
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Predictor", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Predictor":
+        from defectseg.inference.predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'defectseg' has no attribute {name!r}")

@@ -99,7 +99,26 @@ class DefectSegCLI(LightningCLI):
             parser.set_defaults(return_predictions=False)
         return parser
 
+    def _check_ckpt_path(self, subcommand: str) -> None:
+        """Stop with a clear message when ``--ckpt_path`` does not fit the configured model."""
+        ckpt_path = self.config.get(subcommand, {}).get("ckpt_path")
+        if not ckpt_path or not os.path.isfile(str(ckpt_path)):
+            return
+        from defectseg.inference.checkpoint import CheckpointError, check_checkpoint_matches
+
+        try:
+            check_checkpoint_matches(ckpt_path, self.model)
+        except CheckpointError as err:
+            raise SystemExit(f"defectseg {subcommand}: {err}") from None
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._check_ckpt_path("test")
+
     def before_predict(self) -> None:
+        self._check_ckpt_path("predict")
         config = self.config.get("predict", self.config)
         output_dir = config.get("output_dir")
         if output_dir:
@@ -142,6 +161,11 @@ def main(args: Sequence[str] | None = None) -> int | None:
         print(f"defectseg {defectseg.__version__}")
         return 0
     _register_builtin_commands()
+    if argv[:1] == ["predict"] and "infer" in EXTRA_COMMANDS and any(
+        a == "--input" or a.startswith("--input=") for a in argv[1:]
+    ):
+        # raw images with a checkpoint, no config: the same as ``defectseg infer``
+        return EXTRA_COMMANDS["infer"][1](argv[1:])
     if argv[:1] and argv[0] in EXTRA_COMMANDS:
         return EXTRA_COMMANDS[argv[0]][1](argv[1:])
     if argv[:1] in ([], ["-h"], ["--help"]) and EXTRA_COMMANDS:

@@ -144,7 +144,8 @@ class CountSteps(SegmentationModule):
 
 def test_interrupted_fit_resumes_at_the_step_where_it_stopped(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = tiny_config(tmp_path, limit_train_batches=4, max_epochs=2, limit_val_batches=1)
+    # 2 batches per epoch, 3 epochs: the interruption at step 3 falls in the middle of epoch 1
+    config = tiny_config(tmp_path, limit_train_batches=2, max_epochs=3, limit_val_batches=1)
     common = ["--config", str(config), "--model.class_path", f"{__name__}.CountSteps",
               "--model.init_args.encoder_depth", "3", "--model.init_args.decoder_channels", "[16, 8, 8]"]
     CountSteps.seen_steps = []
@@ -155,8 +156,8 @@ def test_interrupted_fit_resumes_at_the_step_where_it_stopped(tmp_path, monkeypa
     assert torch.load(last, weights_only=True)["global_step"] == 3
     CountSteps.seen_steps = []
     second = DefectSegCLI(args=["fit", *common, "--ckpt_path", "last"])
-    assert CountSteps.seen_steps == [3, 4, 5, 6, 7]  # continues, does not start over
-    assert second.trainer.global_step == 8
+    assert CountSteps.seen_steps == [3, 4, 5]  # continues mid-epoch, does not start over
+    assert second.trainer.global_step == 6
 
 
 def test_missing_ckpt_path_is_a_clear_error(tmp_path, monkeypatch):
@@ -181,3 +182,25 @@ def test_ddp_on_two_cpu_processes_logs_synced_metrics(tmp_path):
     rows = list(csv.DictReader(next((tmp_path / "single" / "logs").rglob("metrics.csv")).open()))
     reference = [float(r["val/miou"]) for r in rows if r.get("val/miou")][-1]
     assert logged == pytest.approx(reference, abs=1e-6)
+
+
+def test_wandb_offline_run_stores_config_and_validation_images(tmp_path):
+    config = tiny_config(tmp_path, limit_val_batches=1)
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"save_dir": str(tmp_path / "wb"), "offline": True, "project": "defectseg-test"},
+    }
+    data["image_logger"] = {"num_images": 2}
+    config.write_text(yaml.safe_dump(data))
+    run_cli("fit", "--config", str(config), cwd=tmp_path)
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].rglob("media/images/val/samples_*.png"))
+    masks = list(runs[0].rglob("media/images/mask/val/samples_*.png"))
+    # a ground-truth and a prediction layer per image (W&B stores identical mask files once)
+    assert len(images) == 2 and 2 <= len(masks) <= 4
+    # offline runs keep their config records in the run's .wandb file until `wandb sync`
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b'"class_path":"defectseg.data.SyntheticDefectsDataModule"' in record
+    assert b'"loss":"ce+dice"' in record and b'"num_images":20' in record

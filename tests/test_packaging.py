@@ -1,8 +1,9 @@
 """The README's two set-up commands, .ci/run and the packaging stay in agreement."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 

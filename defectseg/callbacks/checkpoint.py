@@ -21,7 +21,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn != "fit" or trainer.sanity_checking or not self.save_last:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or trainer.fast_dev_run or not self.save_last:
             return
         monitor_candidates = self._monitor_candidates(trainer)
         self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a smoke test writes nothing (Lightning 2.6 would save last.ckpt)
+            return
+        super().on_train_end(trainer, pl_module)

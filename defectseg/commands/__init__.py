@@ -4,4 +4,10 @@ Each module registers its command with :func:`defectseg.cli.register_command` on
 new command modules to the import list below.
 """
 
-from defectseg.commands import stats  # noqa: F401
+from defectseg.commands import (
+    compare,  # noqa: F401
+    dli_preview,  # noqa: F401
+    export,  # noqa: F401
+    infer,  # noqa: F401
+    stats,  # noqa: F401
+)

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from defectseg.data.contract import IGNORE_INDEX, collate_batch, default_normalization, round_up
+from defectseg.data.semi import SemiSupervisedMixin
 
 SPLITS = ("train", "val", "test")
 
@@ -106,12 +107,8 @@ def count_pixels(mask: np.ndarray, num_classes: int) -> dict[int, int]:
     return {k: int(counts[k]) for k in range(1, min(len(counts), num_classes)) if counts[k] > 0}
 
 
-def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Decode an image file with OpenCV, raising a clear error for unreadable files.
-
-    Returns ``uint8`` arrays: ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour.
-    """
-    path = str(path)
+def _decode_file(path: str, flags: int) -> np.ndarray:
+    """Decode ``path`` with OpenCV as stored, raising errors that name the file."""
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as err:
@@ -119,6 +116,16 @@ def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np
     image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise ValueError(f"cannot decode {path}: the file is empty, corrupt or not an image")
+    return image
+
+
+def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode an image file with OpenCV, raising a clear error for unreadable files.
+
+    Returns ``uint8`` arrays: ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour.
+    """
+    path = str(path)
+    image = _decode_file(path, flags)
     if image.dtype == np.uint16:
         image = (image / 257.0).round().astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -133,9 +140,26 @@ def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Decode a mask file into a 2-D ``uint8`` array (a colour mask is read as grayscale)."""
-    mask = read_image(path, cv2.IMREAD_UNCHANGED)
+    """Decode a mask file into a 2-D ``uint8`` array (a colour mask is read as grayscale).
+
+    Values are kept as stored (no rescaling): 16-bit masks keep their values when they fit in
+    0..255 (label images saved as 16 bit), 0/65535 masks become 0/255, other 16-bit masks raise
+    a ``ValueError``. A colour mask must have equal channels (the alpha channel is dropped).
+    """
+    path = str(path)
+    mask = _decode_file(path, cv2.IMREAD_UNCHANGED)
+    if mask.dtype == np.uint16:
+        high = int(mask.max())
+        if high > 255 and not np.isin(mask, (0, 65535)).all():
+            raise ValueError(
+                f"mask {path} is 16 bit with values up to {high}; masks must hold values 0..255 "
+                "(class indices, or 0/255)"
+            )
+        mask = (mask // 257 if high > 255 else mask).astype(np.uint8)
+    elif mask.dtype != np.uint8:
+        raise ValueError(f"mask {path}: unsupported pixel type {mask.dtype}; expected 8 or 16 bit")
     if mask.ndim == 3:
+        mask = mask[..., :3]
         if np.all(mask == mask[..., :1]):
             mask = mask[..., 0]
         else:
@@ -189,7 +213,14 @@ class DefectDataset(Dataset):
     """Map-style dataset over :class:`Sample` records of a :class:`DefectDataModule`.
 
     Each item follows the batch contract (:mod:`defectseg.data.contract`) before collation.
+
+    Besides integer indices, ``__getitem__`` accepts plan items (anything with an ``index``
+    attribute, such as :class:`defectseg.data.dli.InjectionPlan` from a class-balancing batch
+    sampler); they are handed to :attr:`injector`, which loads, injects and finishes the item.
     """
+
+    #: ``(dataset, plan_item) -> item`` hook for plan items (set by the DLI training loader).
+    injector: Callable[[DefectDataset, Any], dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -271,7 +302,14 @@ class DefectDataset(Dataset):
             "valid_size": valid,
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | Any) -> dict[str, Any]:
+        if not isinstance(index, (int, np.integer)):
+            if self.injector is None:
+                raise TypeError(
+                    f"{type(self).__name__} got the plan item {index!r} but has no injector; plan "
+                    "items come from a DLI batch sampler, whose loader sets dataset.injector"
+                )
+            return self.injector(self, index)
         return self.finish(*self.load(index))
 
 
@@ -324,23 +362,45 @@ def stratified_split(
         labels = Counter(samples[i].primary_class for i in members)
         by_class[max(labels, key=lambda c: (labels[c], c))].append(key)
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
-    for label in sorted(by_class):
+    labels = sorted(by_class)
+    keys_of = {}
+    for label in labels:
         keys = sorted(by_class[label])
         rng.shuffle(keys)
+        keys_of[label] = keys
+    sizes = {label: len(keys_of[label]) for label in labels}
+    total = sum(sizes.values())
+    # largest-remainder allocation: each part gets round(total * fraction) groups overall,
+    # shared among classes in proportion to their size; every class keeps one group for training
+    quota: dict[str, dict[int, int]] = {}
+    left = {label: max(0, sizes[label] - 1) for label in labels}
+    for name, fraction in fractions.items():
+        exact = {label: sizes[label] * fraction for label in labels}
+        counts = {label: min(int(np.floor(exact[label])), left[label]) for label in labels}
+        remainder = int(round(total * fraction)) - sum(counts.values())
+        order = sorted(labels, key=lambda c: (-(exact[c] - np.floor(exact[c])), -sizes[c], c))
+        for label in order:
+            if remainder <= 0:
+                break
+            if counts[label] < left[label]:
+                counts[label] += 1
+                remainder -= 1
+        for label in labels:
+            left[label] -= counts[label]
+        quota[name] = counts
+    parts: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
+    for label in labels:
         start = 0
-        for name, fraction in fractions.items():
-            count = int(round(len(keys) * fraction))
-            count = min(count, max(0, len(keys) - start - 1))  # keep one group for training
-            for key in keys[start : start + count]:
+        for name in fractions:
+            for key in keys_of[label][start : start + quota[name][label]]:
                 parts[name].extend(groups[key])
-            start += count
-        for key in keys[start:]:
+            start += quota[name][label]
+        for key in keys_of[label][start:]:
             parts["train"].extend(groups[key])
     return {name: sorted(indices) for name, indices in parts.items()}
 
 
-class DefectDataModule(L.LightningDataModule):
+class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
     """Base class of every defectseg datamodule.
 
     Args:
@@ -372,6 +432,18 @@ class DefectDataModule(L.LightningDataModule):
         cache_dir: where the scan's metadata is cached; defaults to ``$DEFECTSEG_CACHE_DIR``
             or ``~/.cache/defectseg``.
         pin_memory: pin batches in memory (for GPU training).
+        labeled_fraction: semi-supervised mode: share of the training split that keeps its masks
+            (a seeded subset stratified by defect class); the rest is served unlabelled. The
+            training loader then yields ``{"labeled": batch, "unlabeled": batch}``
+            (:mod:`defectseg.data.semi`).
+        num_labeled: the same as a count of images (instead of ``labeled_fraction``).
+        labeled_seed: seed of the labelled subset (default ``seed``).
+        unlabeled_dirs: folders of extra images without masks, added to the unlabelled pool.
+        unlabeled_batch_size: images per unlabelled batch (default ``batch_size``).
+        dli: Dynamic Label Injection on the training batches (:mod:`defectseg.data.dli`):
+            ``None``/``false`` off, ``true`` for the defaults, or a mapping of
+            :class:`~defectseg.data.dli.DLIConfig` settings (``p_poisson``, ``placement``,
+            ``transform``, ...). Under DDP it needs ``trainer.use_distributed_sampler: false``.
     """
 
     #: Class names, background first. Formats with fixed classes set this.
@@ -406,6 +478,12 @@ class DefectDataModule(L.LightningDataModule):
         on_missing: Literal["error", "skip"] = "error",
         cache_dir: str | None = None,
         pin_memory: bool = False,
+        labeled_fraction: float | None = None,
+        num_labeled: int | None = None,
+        labeled_seed: int | None = None,
+        unlabeled_dirs: list[str] | None = None,
+        unlabeled_batch_size: int | None = None,
+        dli: bool | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -455,6 +533,13 @@ class DefectDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self._metadata: list[Sample] | None = None
         self._splits: dict[str, list[int]] | None = None
+        from defectseg.data.dli import DLIConfig
+
+        self.dli = dli
+        self.dli_config = DLIConfig.from_spec(dli)
+        self.configure_semi_supervised(
+            labeled_fraction, num_labeled, labeled_seed, unlabeled_dirs, unlabeled_batch_size
+        )
 
     # ------------------------------------------------------------------ format hooks
     def _accepts_split(self, split: str) -> bool:
@@ -520,6 +605,7 @@ class DefectDataModule(L.LightningDataModule):
             "class": f"{type(self).__module__}.{type(self).__qualname__}",
             "root": os.path.abspath(self.root) if self.root else None,
             "params": self.scan_params(),
+            "on_missing": self.on_missing,  # 'skip' caches a shorter list than 'error' accepts
             "files": hashlib.sha1(json.dumps(sorted(listing)).encode()).hexdigest(),
             "version": 1,
         }
@@ -601,7 +687,10 @@ class DefectDataModule(L.LightningDataModule):
         """Samples of ``train``, ``val`` or ``test`` (defect-free training images dropped if asked)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        samples = [self.metadata[i] for i in self.split_indices()[split]]
+        indices = self.split_indices()[split]
+        if split == "train" and self.semi_supervised:
+            indices = self.labeled_indices()  # the unlabelled rest never shows its masks
+        samples = [self.metadata[i] for i in indices]
         if split == "train" and not self.train_defect_free:
             samples = [s for s in samples if not s.defect_free]
         return samples
@@ -656,14 +745,20 @@ class DefectDataModule(L.LightningDataModule):
     def make_dataset(self, split: str) -> DefectDataset:
         """The dataset of ``split``, with augmentation on the training split only."""
         augment = build_augmentation(self.augment) if split == "train" else None
-        return DefectDataset(self, self.samples_of(split), augment=augment)
+        dataset = DefectDataset(self, self.samples_of(split), augment=augment)
+        dataset.split = split
+        return dataset
 
     def setup(self, stage: str | None = None) -> None:
         self.split_indices()
 
     def _loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> DataLoader:
         if len(dataset) == 0:
-            raise ValueError(f"{type(self).__name__}: no samples to load in this split")
+            split = getattr(dataset, "split", None) or "this"
+            raise ValueError(
+                f"{type(self).__name__}: the {split} split has no samples ({self.describe()}); with "
+                "a small dataset raise val_fraction/test_fraction, or set them to 0 and skip that stage"
+            )
         return DataLoader(
             dataset,
             batch_size=kwargs.pop("batch_size", self.batch_size),
@@ -676,6 +771,12 @@ class DefectDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.semi_supervised and not self._building_labeled_stream:
+            return self.semi_supervised_dataloader()  # builds the labelled stream by calling this
+        if self.dli_config is not None:  # class-balancing injection (issue 5)
+            from defectseg.data.dli import build_dli_loader
+
+            return build_dli_loader(self)
         return self._loader(self.make_dataset("train"), shuffle=True, drop_last=False)
 
     def val_dataloader(self) -> DataLoader:

@@ -23,6 +23,28 @@ def check_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
 
 
+def split_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(safe, valid)``: ``target`` as int64 with ignored pixels set to 0, and the bool mask
+    of the pixels not ignored.
+
+    Raises:
+        ValueError: a label outside ``[0, num_classes)`` that is not ``ignore_index`` (the
+            message names the offending value and the number of classes).
+    """
+    target = target.long()
+    valid = target != ignore_index
+    safe = target.masked_fill(~valid, 0)
+    if safe.numel():
+        low, high = (int(v) for v in torch.aminmax(safe))
+        if low < 0 or high >= num_classes:
+            bad = high if high >= num_classes else low
+            raise ValueError(
+                f"target holds label {bad} but the logits have {num_classes} classes (labels must be "
+                f"0..{num_classes - 1}, or {ignore_index} to ignore a pixel)"
+            )
+    return safe, valid
+
+
 def one_hot_valid(target: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(one_hot (B, C, H, W) float, valid (B, 1, H, W) float)`` with ignored pixels zeroed."""
     valid = target != ignore_index

@@ -3,7 +3,10 @@
 Every loss follows one contract: ``forward(logits (B, C, H, W), target (B, H, W) long)`` returns
 a scalar tensor, and pixels equal to ``ignore_index`` (default 255) contribute nothing.
 
-Names combine into weighted sums, for example ``"ce+dice"`` or ``"balanced + 0.5 * dice"``.
+Names combine into weighted sums, for example ``"ce+dice"`` or ``"balanced + 0.5 * dice"``. A
+loss may also be registered under a spelling that contains ``+`` (an *alias*, such as
+``"bce+dice"`` for the DLI paper's ``bce_dice``): a spec that is exactly an alias (case and
+spaces aside) builds that loss instead of being parsed as a sum.
 """
 
 from __future__ import annotations
@@ -17,25 +20,47 @@ import torch
 from torch import nn
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {}
+ALIASES: dict[str, str] = {}  # whole-spec spellings (may contain '+') -> registered name
 
 _TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[A-Za-z_][\w]*)\s*$")
 
 
-def register_loss(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class decorator that makes a loss buildable by ``name`` (lower-case, no ``+``)."""
+def _normalise(spec: str) -> str:
+    return re.sub(r"\s+", "", spec).lower()
+
+
+def register_loss(
+    name: str, aliases: tuple[str, ...] = ()
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class decorator that makes a loss buildable by ``name`` (lower-case, no ``+``).
+
+    Args:
+        name: the registered name.
+        aliases: other whole-spec spellings of the same loss; they may contain ``+`` (for
+            example ``"bce+dice"``), and then :func:`build_loss` gives this loss for that exact
+            spec rather than the sum of its parts.
+    """
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"loss names are lower-case identifiers (no '+'), got {name!r}")
 
     def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in LOSSES and LOSSES[name] is not factory:
             raise ValueError(f"a loss named {name!r} is already registered ({LOSSES[name]})")
+        for alias in aliases:
+            key = _normalise(alias)
+            if ALIASES.get(key, name) != name:
+                raise ValueError(f"alias {alias!r} already names the loss {ALIASES[key]!r}")
         LOSSES[name] = factory
+        for alias in aliases:
+            ALIASES[_normalise(alias)] = name
         return factory
 
     return wrap
 
 
 def available_losses() -> list[str]:
-    """Names accepted by :func:`build_loss` (they also combine with ``+`` and ``w *``)."""
-    return sorted(LOSSES)
+    """Names accepted by :func:`build_loss` (they also combine with ``+`` and ``w *``), aliases included."""
+    return sorted(set(LOSSES) | set(ALIASES))
 
 
 class CombinedLoss(nn.Module):
@@ -86,11 +111,12 @@ def build_loss(
 
     Args:
         spec: a registered name (see :func:`available_losses`), a sum such as
-            ``"balanced + 0.5 * dice"``, or an ``nn.Module`` used as it is.
+            ``"balanced + 0.5 * dice"``, an alias such as ``"bce+dice"`` (taken as a whole),
+            or an ``nn.Module`` used as it is.
         ignore_index: mask value to ignore, passed to every loss that accepts it.
-        loss_kwargs: arguments of the loss. For a single name, ``{arg: value}``; for a sum,
-            ``{name: {arg: value}}`` per term (a flat dict is accepted when every key is an
-            argument of every term).
+        loss_kwargs: arguments of the loss. For a single name, ``{arg: value}`` or
+            ``{name: {arg: value}}``; for a sum, ``{name: {arg: value}}`` per term (a flat dict
+            is accepted when every key is an argument of every term).
         context: values a loss may take when its signature asks for them (``num_classes``,
             ``class_frequencies``); unused ones are dropped silently.
 
@@ -104,7 +130,13 @@ def build_loss(
     loss_kwargs = dict(loss_kwargs or {})
     context = dict(context or {})
     terms = []
-    for part in spec.split("+"):
+    alias = ALIASES.get(_normalise(spec))
+    if alias is not None:
+        terms.append((1.0, alias))
+        for key in list(loss_kwargs):  # {"bce+dice": {...}} means {"bce_dice": {...}}
+            if _normalise(key) == _normalise(spec) and isinstance(loss_kwargs[key], dict):
+                loss_kwargs[alias] = loss_kwargs.pop(key)
+    for part in spec.split("+") if alias is None else []:
         match = _TERM.match(part)
         if not match:
             raise ValueError(
@@ -115,7 +147,10 @@ def build_loss(
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r} in {spec!r}; choose from {available_losses()}")
         terms.append((float(match.group("weight") or 1.0), name))
-    nested = len(terms) > 1 and loss_kwargs and all(isinstance(v, dict) for v in loss_kwargs.values())
+    term_names = {n for _, n in terms}
+    nested = bool(loss_kwargs) and all(isinstance(v, dict) for v in loss_kwargs.values()) and (
+        len(terms) > 1 or set(loss_kwargs) <= term_names
+    )
     modules, weights, names = [], [], []
     for weight, name in terms:
         factory = LOSSES[name]
@@ -130,7 +165,7 @@ def build_loss(
         weights.append(weight)
         names.append(name)
     if nested:
-        extra = set(loss_kwargs) - {n for _, n in terms}
+        extra = set(loss_kwargs) - term_names
         if extra:
             raise ValueError(f"loss_kwargs names {sorted(extra)} that are not terms of {spec!r}")
     if len(modules) == 1 and weights[0] == 1.0:

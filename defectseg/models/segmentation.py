@@ -11,7 +11,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from defectseg.data.contract import IGNORE_INDEX, check_batch
+from defectseg.evaluation import DefectFreeFalsePositiveRate, GlobalDefectIoU, ImageWiseIoU
 from defectseg.losses import CombinedLoss, build_loss
+from defectseg.losses.statistics import class_statistics, modules_wanting_class_statistics
 from defectseg.metrics import SegmentationIoU, summarize_iou
 from defectseg.models.networks import PadToMultiple, build_network, load_weights
 
@@ -48,6 +50,8 @@ class SegmentationModule(L.LightningModule):
         std: normalisation std (likewise).
         pad_multiple: inputs are padded to this multiple inside the network and cropped back.
         arch_kwargs: further arguments of the architecture.
+        fp_min_area: smallest predicted defect area (pixels, at the tested resolution) that makes
+            a defect-free test image a false positive in ``test/fp_rate_defect_free``.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class SegmentationModule(L.LightningModule):
         std: Sequence[float] | None = None,
         pad_multiple: int = 32,
         arch_kwargs: dict[str, Any] | None = None,
+        fp_min_area: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -131,6 +136,12 @@ class SegmentationModule(L.LightningModule):
         """Create the validation and test IoU metrics."""
         self.val_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
         self.test_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
+        # the papers' test metrics (defectseg.evaluation), logged by on_test_epoch_end
+        self.test_iou_imagewise = ImageWiseIoU(self.num_classes, self.hparams.ignore_index)
+        self.test_global_defect_iou = GlobalDefectIoU(self.num_classes, self.hparams.ignore_index)
+        self.test_fp_rate = DefectFreeFalsePositiveRate(
+            self.hparams.get("fp_min_area", 1), self.hparams.ignore_index
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -152,6 +163,33 @@ class SegmentationModule(L.LightningModule):
                 f"model.in_channels={self.hparams.in_channels} but the datamodule serves "
                 f"{data_channels}-channel images; set them equal"
             )
+        self.provide_class_statistics(datamodule, stage)
+
+    def provide_class_statistics(self, datamodule: Any, stage: str) -> None:
+        """Give the training split's class statistics to the losses that derive weights from them.
+
+        The loss is built in ``__init__``, before any data exists; parts of it with
+        ``wants_class_statistics`` (``wce`` with ``weight="auto"``, ``class_balanced`` with
+        ``samples_per_class="auto"``) receive ``datamodule.class_pixel_frequencies("train")``
+        and the class pixel counts here, called from :meth:`setup`. Nothing happens when no loss
+        wants them; without a datamodule that has them, ``predict`` goes on (it needs no loss)
+        and the other stages raise.
+        """
+        wanting = modules_wanting_class_statistics(self.loss_fn)
+        if not wanting:
+            return
+        if datamodule is None or not hasattr(datamodule, "class_pixel_frequencies"):
+            if stage == "predict":
+                return
+            names = sorted({type(m).__name__ for m in wanting})
+            raise ValueError(
+                f"the loss parts {names} derive their class weights from the training data, but "
+                f"{type(datamodule).__name__ if datamodule is not None else 'no datamodule'} provides no "
+                "class_pixel_frequencies('train'); pass the trainer a DefectDataModule or give the weights explicitly"
+            )
+        stats = class_statistics(datamodule, "train")
+        for module in wanting:
+            module.set_class_statistics(stats["class_frequencies"], stats["class_pixel_counts"])
 
     # ------------------------------------------------------------------ steps
     def compute_loss(self, logits: torch.Tensor, mask: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -165,10 +203,30 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if "labeled" in batch and "image" not in batch:
+            batch = batch["labeled"]  # a semi-supervised datamodule: train on its labelled stream
         if batch_idx == 0:
             check_batch(batch, self.num_classes)
+        if "dli_counts" in batch:
+            self.log_dli_counts(batch)
         logits = self(batch["image"])
         return self.compute_loss(logits, batch["mask"], "train")
+
+    def log_dli_counts(self, batch: dict[str, Any]) -> None:
+        """Log a DLI batch's class counts: ``train/dli/{before,after}/<class>`` (images holding
+        each defect class, and ``defect_free`` images) and ``train/dli/injected``."""
+        counts = batch["dli_counts"]
+        if isinstance(counts, (list, tuple)):
+            counts = torch.stack([torch.as_tensor(c) for c in counts])
+        totals = counts.sum(dim=0).tolist()  # (2, num_classes)
+        batch_size = int(counts.shape[0])
+        names = ["defect_free", *self.class_names[1:]]
+        for row, stage in enumerate(("before", "after")):
+            for name, value in zip(names, totals[row]):
+                self.log(f"train/dli/{stage}/{name}", float(value), batch_size=batch_size)
+        if "dli_injected" in batch:
+            injected = torch.as_tensor(batch["dli_injected"]).sum().item()
+            self.log("train/dli/injected", float(injected), batch_size=batch_size)
 
     def _eval_step(self, batch: dict[str, Any], prefix: str, metric: SegmentationIoU) -> dict[str, Any]:
         logits = self(batch["image"])
@@ -181,7 +239,13 @@ class SegmentationModule(L.LightningModule):
         return self._eval_step(batch, "val", self.val_iou)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "test", self.test_iou)
+        output = self._eval_step(batch, "test", self.test_iou)
+        if hasattr(self, "test_iou_imagewise"):
+            preds, mask = output["preds"], batch["mask"]
+            self.test_iou_imagewise.update(preds, mask)
+            self.test_global_defect_iou.update(preds, mask)
+            self.test_fp_rate.update(preds, mask, batch.get("defect_free"))
+        return output
 
     def _log_iou(self, prefix: str, metric: SegmentationIoU) -> None:
         iou = metric.compute()  # synced across devices by torchmetrics
@@ -198,6 +262,25 @@ class SegmentationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_iou("test", self.test_iou)
+        if hasattr(self, "test_iou_imagewise"):
+            self._log_paper_metrics("test")
+
+    def _log_paper_metrics(self, prefix: str) -> None:
+        """Log ``{prefix}/iou_imagewise`` (mean over defect classes) and per class,
+        ``{prefix}/global_defect_iou`` and ``{prefix}/fp_rate_defect_free`` (with
+        ``{prefix}/defect_free_images``, left out when the set has no defect-free image)."""
+        imagewise = self.test_iou_imagewise.compute()
+        for name, value in zip(self.class_names, imagewise.tolist()):
+            if value == value:
+                self.log(f"{prefix}/iou_imagewise/{name}", value, sync_dist=False)
+        self.log(f"{prefix}/iou_imagewise", summarize_iou(imagewise)["miou_defect"], sync_dist=False)
+        self.log(f"{prefix}/global_defect_iou", float(self.test_global_defect_iou.compute()), sync_dist=False)
+        free_images = int(self.test_fp_rate.images)
+        if free_images:
+            self.log(f"{prefix}/fp_rate_defect_free", float(self.test_fp_rate.compute()), sync_dist=False)
+            self.log(f"{prefix}/defect_free_images", float(free_images), sync_dist=False)
+        for metric in (self.test_iou_imagewise, self.test_global_defect_iou, self.test_fp_rate):
+            metric.reset()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = self(batch["image"]).float().softmax(dim=1)

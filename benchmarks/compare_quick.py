@@ -1,0 +1,187 @@
+"""Quick-mode comparisons on the real data, recorded under docs/results/<dataset>/.
+
+Runs ``defectseg compare --quick`` for each grid on Magnetic Tile and on NEU-Seg (its leak-free
+``grouped`` split), each into ``docs/results/<dataset>/<grid>/`` (summary.md, runs.csv, plots;
+the per-run folders are written under ``runs/compare_quick/`` and not meant to be committed), and
+writes ``docs/results/<dataset>/README.md`` with the exact commands, the hardware, the date and
+the wall time. Rerun it to resume: finished runs are skipped.
+
+    python benchmarks/compare_quick.py                       # both datasets, default grids
+    python benchmarks/compare_quick.py --datasets magnetic_tile
+    python benchmarks/compare_quick.py --estimate            # time one run per grid, predict the total
+
+Default grids: Magnetic Tile -- losses and dli (it has defect-free images, which DLI and the
+false-positive rate need); NEU-Seg -- semi_supervised (NEU-Seg has no defect-free image, so DLI
+does nothing there). Add grids with ``--grids``.
+
+``--estimate`` runs a few representative configurations of each grid once (1 seed, one thread:
+``OMP_NUM_THREADS=1``), reads each run's CPU time (interpreter start-up, fit and test, data
+workers included) and predicts the grid's wall time on N free cores as
+``mean CPU time per run x runs / N`` (all cores busy) and ``/ (0.8 N)`` (a typical efficiency
+of two intra-op threads), printed as a table. Skips a dataset whose folder is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DATASETS = {
+    "magnetic_tile": {"base": "configs/compare/magnetic_tile.yaml", "grids": ["losses", "dli"]},
+    "neu_seg": {"base": "configs/compare/neu_seg.yaml", "grids": ["semi_supervised"]},
+}
+#: configurations timed by --estimate (cheap and expensive ends of each grid)
+ESTIMATE_CONFIGS = {
+    "losses": ["ce", "balanced+dice"],
+    "dli": ["resnet18-dli", "mobilenet_v2-no_dli"],
+    "semi_supervised": ["uaps_10", "supervised_50"],
+}
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("DEFECTSEG_DATA_ROOT", REPO.parent / "shared" / "datasets"))
+
+
+def hardware() -> str:
+    from defectseg.experiments.runner import environment_info
+
+    info = environment_info()
+    device = info["cuda"] or f"CPU {info['cpu']}, {info.get('cpu_affinity', info['cpu_count'])} cores"
+    return f"{device}; {info['platform']}; torch {info['torch']}, lightning {info['lightning']}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def compare_command(dataset: str, grid: str, out: Path, extra: list[str]) -> list[str]:
+    return [
+        "defectseg", "compare", "--base", DATASETS[dataset]["base"], "--grid", f"configs/compare/{grid}.yaml",
+        "--out", str(out), "--quick", *extra,
+    ]
+
+
+def run(command: list[str], env: dict[str, str] | None = None) -> float:
+    """Run a defectseg command from the repository root; its wall time."""
+    start = time.perf_counter()
+    full = [sys.executable, "-m", "defectseg", *command[1:]]
+    code = subprocess.call(full, cwd=REPO, env=env)
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} exited with code {code}")
+    return time.perf_counter() - start
+
+
+def estimate(datasets: list[str], grids: dict[str, list[str]], cores: int) -> None:
+    from defectseg.experiments import Grid
+
+    rows = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for dataset in datasets:
+        total_cpu = 0.0
+        for grid_name in grids[dataset]:
+            grid = Grid.from_yaml(REPO / "configs" / "compare" / f"{grid_name}.yaml")
+            runs = len(grid.runs("quick"))
+            names = [n for n in ESTIMATE_CONFIGS.get(grid_name, []) if n in dict(grid.configurations())]
+            names = names or [grid.configurations()[0][0]]
+            with tempfile.TemporaryDirectory(prefix="compare-estimate-") as tmp:
+                out = Path(tmp) / "out"
+                only = [f"--only={','.join(names)}", "--seeds", "1"]
+                run(compare_command(dataset, grid_name, out, only), env=env)
+                cpu = []
+                for name in names:
+                    results = json.loads((out / "runs" / name / "seed_0" / "results.json").read_text())
+                    cpu.append(results["cpu_time_s"])
+                    rows.append((dataset, grid_name, name, results["cpu_time_s"], results["wall_time_s"]))
+            mean = sum(cpu) / len(cpu)
+            total_cpu += mean * runs
+            rows.append((dataset, grid_name, f"= {runs} runs x {mean:.0f} cpu-s", mean * runs, None))
+        rows.append((dataset, "all", f"on {cores} free cores: {total_cpu / cores / 60:.0f} to "
+                     f"{total_cpu / (0.8 * cores) / 60:.0f} min", total_cpu, None))
+    print("\n| dataset | grid | run | CPU s | wall s (this machine) |\n|---|---|---|---:|---:|")
+    for dataset, grid_name, name, cpu, wall in rows:
+        print(f"| {dataset} | {grid_name} | {name} | {cpu:.0f} | {'' if wall is None else f'{wall:.0f}'} |")
+    print(f"\nhardware: {hardware()}; load average now: {os.getloadavg()[0]:.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--grids", nargs="+", default=None, help="grids (configs/compare/<grid>.yaml) for every dataset")
+    parser.add_argument("--results", default="docs/results", help="where summaries go (default docs/results)")
+    parser.add_argument("--runs", default="runs/compare_quick", help="where the run folders go")
+    parser.add_argument("--estimate", action="store_true", help="time one run per grid and predict the total")
+    parser.add_argument("--cores", type=int, default=2, help="cores assumed by --estimate (default 2)")
+    args = parser.parse_args()
+
+    available = []
+    for dataset in args.datasets:
+        if not (data_root() / dataset).is_dir():
+            print(f"skipping {dataset}: {data_root() / dataset} not found (set DEFECTSEG_DATA_ROOT)")
+        else:
+            available.append(dataset)
+    grids = {d: args.grids or DATASETS[d]["grids"] for d in available}
+    if args.estimate:
+        estimate(available, grids, args.cores)
+        return 0
+
+    for dataset in available:
+        results = REPO / args.results / dataset
+        results.mkdir(parents=True, exist_ok=True)
+        records = []
+        started = dt.datetime.now()
+        for grid in grids[dataset]:
+            out = Path(args.runs) / dataset / grid
+            command = compare_command(dataset, grid, out, [])
+            print(f"\n=== {dataset} / {grid}: {' '.join(command)}", flush=True)
+            wall = run(command)
+            target = results / grid
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("summary.md", "runs.csv", "iou_per_class.png", "miou_per_method.png", "compare.json"):
+                if (REPO / out / name).is_file():
+                    shutil.copy2(REPO / out / name, target / name)
+            records.append((grid, command, wall))
+        lines = [
+            f"# Quick-mode comparisons on {dataset}",
+            "",
+            f"- Date: {started.isoformat(timespec='minutes')} to {dt.datetime.now().isoformat(timespec='minutes')}",
+            f"- Hardware: {hardware()}",
+            f"- Code: git {git_commit()}; python {platform.python_version()}",
+            "- Produced by `python benchmarks/compare_quick.py"
+            + (f" --datasets {dataset}" if len(available) > 1 or args.datasets != list(DATASETS) else "")
+            + (f" --grids {' '.join(args.grids)}" if args.grids else "") + "`; per grid:",
+            "",
+            "| grid | command | wall time (this invocation) | summary |",
+            "|---|---|---:|---|",
+        ]
+        for grid, command, wall in records:
+            lines.append(f"| {grid} | `{' '.join(command)}` | {wall / 60:.1f} min | [summary]({grid}/summary.md) |")
+        lines += [
+            "",
+            "Wall times of resumed grids count this invocation only; each summary.md lists every invocation. "
+            "What quick mode is and how these numbers relate to the papers': docs/results.md.",
+            "",
+        ]
+        (results / "README.md").write_text("\n".join(lines))
+        print(f"\nwrote {results / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""``defectseg compare``: run a grid of configurations over a base config, with tables and plots.
+
+    defectseg compare --base configs/compare/magnetic_tile.yaml --grid configs/compare/losses.yaml \\
+        --out results/mt_losses --quick
+
+Each run is ``defectseg fit`` + ``defectseg test`` in a subprocess, from the merged config saved
+in ``OUT/runs/<configuration>/seed_<n>/config.yaml``. Running the same command again resumes:
+finished runs are skipped, an interrupted run resumes from its ``last.ckpt``. See
+``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from defectseg.cli import register_command
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="defectseg compare",
+        description=(
+            "Run a grid of configurations (YAML fragments over a base config) x seeds; each run is a "
+            "`defectseg fit` + `defectseg test`. Writes OUT/runs.csv, OUT/summary.md and PNG plots; "
+            "run it again to resume."
+        ),
+    )
+    parser.add_argument(
+        "--base", "-c", action="append", default=[], required=True,
+        help="base config (data, model, trainer); repeatable, merged in order like --config",
+    )
+    parser.add_argument("--grid", "-g", required=True, help="grid YAML (see configs/compare/)")
+    parser.add_argument("--out", "-o", required=True, help="output folder (created; rerun the command to resume)")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="quick mode: the grid's `quick` fragment (reduced resolution and epochs, CPU) and its quick seed count "
+        "(default 3); without it, full mode: the `full` fragment (paper settings) and 5 seeds",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1), overriding the grid's")
+    parser.add_argument(
+        "--seed-list", type=_int_list, default=None, metavar="S1,S2,...",
+        help="explicit seeds instead of --seeds, e.g. 3,4",
+    )
+    parser.add_argument(
+        "--only", action="append", default=None, metavar="CONFIG",
+        help="run only this configuration of the grid (repeatable, or comma-separated)",
+    )
+    parser.add_argument(
+        "--test-checkpoint", choices=["best", "last"], default=None,
+        help="checkpoint to test (default: the grid's, else best by the checkpoint monitor)",
+    )
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="print the runs, check their configs with the defectseg parser, run nothing",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="only rewrite runs.csv, summary.md and the plots from the finished runs",
+    )
+    parser.add_argument(
+        "overrides", nargs="*",
+        help="overrides for every run, applied after the grid, e.g. trainer.max_epochs=2",
+    )
+    return parser
+
+
+@register_command("compare", "run a grid of configurations x seeds (fit + test each) into tables and plots")
+def compare_command(argv: list[str]) -> int:
+    from defectseg.experiments import (
+        CompareRunner,
+        CompareSettings,
+        Grid,
+        GridError,
+        RunFailedError,
+    )
+    from defectseg.experiments.results import write_reports
+    from defectseg.experiments.runner import PLAN_FILE, _read_json
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.seed_list is not None:
+        parser.error("give --seeds or --seed-list, not both")
+    try:
+        grid = Grid.from_yaml(args.grid)
+        settings = CompareSettings(
+            base=list(args.base),
+            grid=grid,
+            out=Path(args.out),
+            quick=args.quick,
+            seeds=args.seed_list if args.seed_list is not None else args.seeds,
+            overrides=list(args.overrides),
+            test_checkpoint=args.test_checkpoint,
+            only=[name for item in args.only for name in item.split(",") if name] if args.only else None,
+            fail_fast=args.fail_fast,
+        )
+        runner = CompareRunner(settings)
+        plan = runner.plan()
+        if args.report_only:
+            if not (runner.out / PLAN_FILE).is_file():
+                raise GridError(f"{runner.out} holds no {PLAN_FILE}: nothing to report")
+            paths = write_reports(runner.out, plan, settings, _read_json(runner.out / PLAN_FILE))
+            print("\n".join(str(p) for p in paths.values()))
+            return 0
+        if args.dry_run:
+            runner.check_out_dir()
+            for run in plan:
+                state = "finished" if run.finished else "to run"
+                print(f"{run.spec.key:40s} {state:9s} {run.run_dir}")
+            runner.validate()
+            print(f"{len(plan)} runs; configs parse.")
+            return 0
+        summary = runner.run(argv=argv)
+    except GridError as err:
+        raise SystemExit(f"defectseg compare: {err}") from None
+    except RunFailedError as err:
+        raise SystemExit(f"defectseg compare: {err}") from None
+    except KeyboardInterrupt:
+        return 130  # the runner said how to resume
+    return 1 if summary["failed"] else 0

@@ -1,0 +1,106 @@
+"""PNG plots of a grid's results (matplotlib's Agg canvas: no display, no global backend change).
+
+* :func:`plot_iou_per_class` -- dataset-level IoU of each defect class, one bar per method
+  (configuration), mean over seeds with the sample std as error bar.
+* :func:`plot_miou_per_method` -- the three IoU summaries (dataset-level mIoU over defect
+  classes, image-wise IoU, global defect IoU) per method with error bars, and each seed's value
+  as a dot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defectseg.experiments.results import METRICS, _number, aggregate, class_order
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _colours(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
+def _configs(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(row["config"] for row in rows))
+
+
+def plot_iou_per_class(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Grouped bars: x = defect classes, one bar per configuration (mean ± std over seeds).
+
+    Returns:
+        ``path``, or ``None`` when the rows hold no per-class IoU.
+    """
+    names = [n for n in class_order(rows, "test/iou/") if n != "background"]
+    if not names:
+        return None
+    configs = _configs(rows)
+    figure = _figure(max(6.0, 1.2 + 0.45 * len(names) * max(2, len(configs)) / 2), 4.2)
+    axes = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(configs)
+    x = np.arange(len(names))
+    for index, (config, colour) in enumerate(zip(configs, _colours(len(configs)))):
+        means, stds = [], []
+        for name in names:
+            stats = aggregate(rows, f"test/iou/{name}").get(config)
+            means.append(stats[0] if stats else np.nan)
+            stds.append(stats[1] if stats else 0.0)
+        axes.bar(x - 0.4 + width * (index + 0.5), means, width, yerr=stds, capsize=2, label=config, color=colour)
+    axes.set_xticks(x, names)
+    axes.set_ylabel("IoU (dataset-level, test)")
+    axes.set_ylim(0, 1)
+    axes.set_title(f"IoU per defect class {title}".strip())
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=7, ncol=min(4, len(configs)), loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def plot_miou_per_method(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Per configuration, bars of the IoU summaries (mean ± std) with each seed as a dot.
+
+    Returns:
+        ``path``, or ``None`` when the rows hold none of the IoU summaries.
+    """
+    keys = [m for m in METRICS if m.key in ("test/miou_defect", "test/iou_imagewise", "test/global_defect_iou")]
+    keys = [m for m in keys if any(m.key in row for row in rows)]
+    if not keys:
+        return None
+    configs = _configs(rows)
+    figure = _figure(max(6.0, 1.5 + 0.6 * len(configs) * len(keys) / 2), 4.4)
+    axes = figure.add_subplot(1, 1, 1)
+    width = 0.8 / len(keys)
+    x = np.arange(len(configs))
+    for index, (metric, colour) in enumerate(zip(keys, _colours(len(keys)))):
+        stats = aggregate(rows, metric.key)
+        offset = -0.4 + width * (index + 0.5)
+        means = [stats[c][0] if c in stats else np.nan for c in configs]
+        stds = [stats[c][1] if c in stats else 0.0 for c in configs]
+        axes.bar(x + offset, means, width, yerr=stds, capsize=3, label=f"{metric.title} ({metric.key})", color=colour, alpha=0.85)
+        for position, config in enumerate(configs):
+            values = [_number(r.get(metric.key)) for r in rows if r["config"] == config]
+            values = [v for v in values if v is not None]
+            axes.scatter([position + offset] * len(values), values, s=9, color="black", zorder=3)
+    axes.set_xticks(x, configs, rotation=30 if len(configs) > 4 else 0, ha="right" if len(configs) > 4 else "center")
+    axes.set_ylabel("IoU (test)")
+    axes.set_ylim(0, 1)
+    axes.set_title(f"Mean IoU per method {title}".strip())
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=7, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -1,0 +1,656 @@
+"""Run a grid: each run is a ``defectseg fit`` then a ``defectseg test``, in a subprocess.
+
+One worker process per run (:mod:`defectseg.experiments.worker`) runs both commands through the
+``defectseg`` entry point, so a crash of one run never takes the grid down and each run starts
+from a fresh interpreter.
+
+Output folder layout::
+
+    OUT/
+      compare.json                  the plan and every invocation (command, date, hardware, time)
+      runs.csv  summary.md  *.png   written by defectseg.experiments.results / plots
+      runs/<config>/seed_<seed>/
+        config.yaml                 the merged config: `defectseg fit --config config.yaml`
+                                    reproduces the run
+        run.json                    state: config hash, commands, fit done, times
+        run.log                     the output of its fit and test
+        checkpoints/                best-*.ckpt, last.ckpt
+        logs/fit/metrics.csv        CSVLogger of the fit (fit_2, fit_3... after resumes)
+        logs/test/metrics.csv       CSVLogger of the test
+        results.json                written last: the run is finished
+
+Resuming: a run with ``results.json`` is finished and skipped. A run without it restarts; its
+fit resumes from ``checkpoints/last.ckpt`` when that exists (``ResumableCheckpoint`` also
+writes it on Ctrl-C or a crash), and a run whose fit had finished only redoes its test. A run
+folder made from a different config (changed grid, base or overrides) stops the grid before
+anything runs, so no result is mixed with another experiment's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from defectseg.experiments.grid import Grid, GridError, RunSpec, merge_config, substitute_seed
+
+RESULTS_FILE = "results.json"
+STATE_FILE = "run.json"
+CONFIG_FILE = "config.yaml"
+PLAN_FILE = "compare.json"
+
+#: ``launcher(command, log_path, env) -> exit code``: runs one subprocess.
+Launcher = Callable[[list[str], Path, dict[str, str]], int]
+
+
+class RunConflictError(GridError):
+    """A run folder holds a run of another config."""
+
+
+class RunFailedError(RuntimeError):
+    """A run's fit or test subprocess failed (with ``--fail-fast``)."""
+
+
+@dataclass
+class PlannedRun:
+    """A run with its merged config and folder."""
+
+    spec: RunSpec
+    run_dir: Path
+    config: dict[str, Any]
+    config_hash: str
+
+    @property
+    def finished(self) -> bool:
+        return (self.run_dir / RESULTS_FILE).is_file()
+
+
+@dataclass
+class CompareSettings:
+    """What ``defectseg compare`` runs.
+
+    Attributes:
+        base: base config files (merged in order, as repeated ``--config`` are).
+        grid: the grid.
+        out: output folder.
+        quick: quick mode (else full).
+        seeds: seed count or list (default: the grid's for the mode).
+        overrides: ``key.sub=value`` applied to every run, after the grid's fragments.
+        test_checkpoint: ``best`` or ``last`` (default: the grid's).
+        only: run these configurations only.
+        fail_fast: stop at the first failed run (else go on and report failures at the end).
+        python: interpreter of the subprocesses.
+    """
+
+    base: list[str]
+    grid: Grid
+    out: Path
+    quick: bool = False
+    seeds: int | list[int] | None = None
+    overrides: list[str] = field(default_factory=list)
+    test_checkpoint: str | None = None
+    only: list[str] | None = None
+    fail_fast: bool = False
+    python: str = sys.executable
+
+    @property
+    def mode(self) -> str:
+        return "quick" if self.quick else "full"
+
+
+# ---------------------------------------------------------------------- configs
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable hash of a config (its JSON with sorted keys)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _without_progress_bars(callbacks: Any) -> Any:
+    """Drop progress-bar callbacks (the runs log to files, with the progress bar off)."""
+    if isinstance(callbacks, dict):
+        callbacks = [callbacks]
+    if not isinstance(callbacks, list):
+        return callbacks
+    return [
+        c for c in callbacks
+        if not (isinstance(c, dict) and str(c.get("class_path", "")).endswith("ProgressBar"))
+    ]
+
+
+def harness_config(experiment: dict[str, Any], run_dir: Path, seed: int) -> dict[str, Any]:
+    """The config a run executes: ``experiment`` plus the harness's seed, folders and logger.
+
+    Sets ``seed_everything``, ``trainer.default_root_dir`` and ``checkpoint.dirpath`` to the run
+    folder, replaces ``trainer.logger`` with a CSVLogger in ``<run>/logs/fit`` and turns the
+    progress bar off (dropping progress-bar callbacks).
+    """
+    config = copy.deepcopy(experiment)
+    config["seed_everything"] = int(seed)
+    trainer = config.setdefault("trainer", {})
+    if not isinstance(trainer, dict):
+        raise GridError(f"'trainer' must be a mapping, got {trainer!r}")
+    trainer["default_root_dir"] = str(run_dir)
+    trainer["logger"] = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "logs", "version": "fit"},
+    }
+    trainer["enable_progress_bar"] = False
+    if "callbacks" in trainer:
+        trainer["callbacks"] = _without_progress_bars(trainer["callbacks"])
+    checkpoint = config.setdefault("checkpoint", {}) or {}
+    checkpoint["dirpath"] = str(run_dir / "checkpoints")
+    config["checkpoint"] = checkpoint
+    return config
+
+
+def experiment_config(
+    base: dict[str, Any], grid: Grid, mode: str, spec: RunSpec, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Base, then the grid's ``common`` and mode fragments, then the configuration's fragment,
+    then overrides (``${seed}`` in ``common`` and the mode fragment is the run's seed too)."""
+    from defectseg.commands.common import _set_dotted
+
+    config = merge_config(base, substitute_seed(grid.common, spec.seed))
+    config = merge_config(config, substitute_seed(grid.modes.get(mode, {}), spec.seed))
+    config = merge_config(config, spec.fragment)
+    for item in overrides:
+        if "=" not in item:
+            raise GridError(f"override {item!r} must look like trainer.max_epochs=2")
+        key, value = item.split("=", 1)
+        _set_dotted(config, key.lstrip("-"), yaml.safe_load(value))
+    return config
+
+
+def validate_config(path: Path) -> str | None:
+    """Check a run's config with the ``defectseg fit`` parser (``--print_config``, nothing is
+    instantiated); the parser's error message, or ``None`` when it is valid."""
+    from defectseg.cli import DefectSegCLI
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            DefectSegCLI(args=["fit", "--config", str(path), "--print_config"])
+        except SystemExit as exit_:
+            if exit_.code in (0, None):
+                return None
+            return (err.getvalue() or out.getvalue()).strip()[-2000:] or f"exit code {exit_.code}"
+        except Exception as error:  # a class that fails to import, a bad value...
+            return f"{type(error).__name__}: {error}"
+    return None
+
+
+# ---------------------------------------------------------------------- files
+def _write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a temporary file renamed over the target)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_metrics_csv(path: Path) -> dict[str, float]:
+    """The last value of each column of a CSVLogger ``metrics.csv`` (``epoch``/``step`` dropped)."""
+    values: dict[str, float] = {}
+    if not path.is_file():
+        return values
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in (None, ""):
+                    continue
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    continue
+    return values
+
+
+def fit_summary(run_dir: Path) -> dict[str, float]:
+    """``val/miou_defect_best`` and ``epochs`` from the fit logs (every attempt)."""
+    best, epochs = -math.inf, 0
+    for path in sorted((run_dir / "logs").glob("fit*/metrics.csv")):
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                value = row.get("val/miou_defect")
+                if value not in (None, ""):
+                    best = max(best, float(value))
+                epoch = row.get("epoch")
+                if epoch not in (None, ""):
+                    epochs = max(epochs, int(float(epoch)) + 1)
+    out: dict[str, float] = {"epochs": float(epochs)}
+    if best > -math.inf:
+        out["val/miou_defect_best"] = best
+    return out
+
+
+def checkpoint_loads(path: Path) -> bool:
+    """Whether ``path`` is a readable checkpoint (a run killed while saving leaves a broken one)."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        return False
+    return True
+
+
+def best_checkpoint(checkpoints: Path) -> Path | None:
+    """The best checkpoint of a run: ``best_model_path`` stored in ``last.ckpt`` by the
+    checkpoint callback, else the newest ``*.ckpt`` other than ``last*.ckpt``."""
+    import torch
+
+    last = checkpoints / "last.ckpt"
+    if last.is_file():
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            for key, value in (state.get("callbacks") or {}).items():
+                if "Checkpoint" in str(key) and isinstance(value, dict):
+                    path = value.get("best_model_path")
+                    if path and Path(path).is_file():
+                        return Path(path)
+        except Exception:
+            pass
+    candidates = [p for p in checkpoints.glob("*.ckpt") if not p.name.startswith("last")]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def environment_info() -> dict[str, Any]:
+    """Hardware and software of this machine, for the records."""
+    import lightning
+    import torch
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    with contextlib.suppress(AttributeError, OSError):
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _children_cpu_time() -> float:
+    """User + system CPU seconds of this process's finished subprocesses (0 where unsupported)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def default_launcher(command: list[str], log_path: Path, env: dict[str, str]) -> int:
+    """Run ``command`` with its output appended to ``log_path``; its exit code.
+
+    On Ctrl-C the child (which gets the same SIGINT from the terminal) is given time to write
+    its ``last.ckpt`` before the interrupt goes on.
+    """
+    with log_path.open("a") as log:
+        log.write(f"\n$ {' '.join(command)}\n# {dt.datetime.now().isoformat(timespec='seconds')}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            raise
+
+
+# ---------------------------------------------------------------------- runner
+class CompareRunner:
+    """Plans and runs a grid (see the module docstring for the output layout).
+
+    Args:
+        settings: what to run.
+        launcher: runs one subprocess (tests replace it); default :func:`default_launcher`.
+        printer: where progress lines go (default ``print``, flushed).
+    """
+
+    def __init__(
+        self,
+        settings: CompareSettings,
+        launcher: Launcher | None = None,
+        printer: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.launcher = launcher or default_launcher
+        self.printer = printer or (lambda line: print(line, flush=True))
+        self.out = Path(settings.out).resolve()
+        self._plan: list[PlannedRun] | None = None
+        self._invocation: int | None = None
+
+    def log(self, message: str) -> None:
+        self.printer(f"[compare] {message}")
+
+    # ------------------------------------------------------------------ planning
+    def base_config(self) -> dict[str, Any]:
+        from defectseg.commands.common import load_config
+
+        if not self.settings.base:
+            raise GridError("give a base config with --base CONFIG.yaml (data, model and trainer settings)")
+        return load_config(self.settings.base)
+
+    def plan(self) -> list[PlannedRun]:
+        """Every run with its merged config and folder (nothing is written)."""
+        if self._plan is None:
+            s = self.settings
+            base = self.base_config()
+            planned = []
+            for spec in s.grid.runs(s.mode, s.seeds, s.only):
+                run_dir = self.out / "runs" / spec.config / f"seed_{spec.seed}"
+                experiment = experiment_config(base, s.grid, s.mode, spec, s.overrides)
+                experiment["seed_everything"] = spec.seed
+                planned.append(
+                    PlannedRun(spec, run_dir, harness_config(experiment, run_dir, spec.seed), config_hash(experiment))
+                )
+            self._plan = planned
+        return self._plan
+
+    def check_out_dir(self) -> None:
+        """Refuse an existing, non-empty output folder that ``defectseg compare`` did not make,
+        and run folders made from another config."""
+        if self.out.exists() and not self.out.is_dir():
+            raise GridError(f"--out {str(self.out)!r} is a file; give a folder")
+        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / PLAN_FILE).is_file():
+            raise GridError(
+                f"--out {str(self.out)!r} is not empty and holds no {PLAN_FILE}: it is not a defectseg "
+                "compare folder; give a new or empty folder (nothing in it is overwritten)"
+            )
+        conflicts = []
+        for run in self.plan():
+            state = _read_json(run.run_dir / STATE_FILE)
+            if state.get("config_hash") and state["config_hash"] != run.config_hash:
+                conflicts.append(str(run.run_dir))
+        if conflicts:
+            raise RunConflictError(
+                f"{len(conflicts)} run folders were made from a different config (changed grid, base, mode "
+                f"or overrides), e.g. {conflicts[0]}; use another --out, or delete those folders to redo them"
+            )
+
+    def validate(self) -> None:
+        """Check each configuration's config with the ``defectseg fit`` parser (first seed)."""
+        import tempfile
+
+        seen = set()
+        errors = []
+        with tempfile.TemporaryDirectory(prefix="defectseg-compare-") as tmp:
+            for run in self.plan():
+                if run.spec.config in seen or run.finished:
+                    continue
+                seen.add(run.spec.config)
+                path = Path(tmp) / f"{run.spec.config}.yaml"
+                path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+                error = validate_config(path)
+                if error:
+                    errors.append(f"configuration {run.spec.config!r}: {error}")
+        if errors:
+            raise GridError(
+                "the merged configs do not parse (fix the grid's fragments, the base or the overrides):\n"
+                + "\n".join(errors)
+            )
+
+    # ------------------------------------------------------------------ running
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("WANDB_MODE", "offline")
+        return env
+
+    def run_one(self, run: PlannedRun) -> dict[str, Any]:
+        """Fit (resuming from ``last.ckpt``) and test one run in a worker subprocess; its results.
+
+        The worker (:mod:`defectseg.experiments.worker`) runs ``defectseg fit`` then
+        ``defectseg test`` in one interpreter, with the commands stored in ``run.json``.
+
+        Raises:
+            RunFailedError: the fit or the test failed.
+        """
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        state_path = run.run_dir / STATE_FILE
+        config_path = run.run_dir / CONFIG_FILE
+        checkpoints = run.run_dir / "checkpoints"
+        state = _read_json(state_path) or {
+            "config": run.spec.config,
+            "seed": run.spec.seed,
+            "config_hash": run.config_hash,
+            "fit_done": False,
+            "fit_attempts": 0,
+            "fit_time_s": 0.0,
+            "test_time_s": 0.0,
+            "commands": [],
+        }
+        config_path.write_text(
+            f"# defectseg compare run {run.spec.key} of grid {self.settings.grid.name!r} "
+            f"({self.settings.mode} mode); reproduce with:\n#   defectseg fit --config {config_path}\n"
+            + yaml.safe_dump(run.config, sort_keys=False)
+        )
+        if not state["fit_done"]:
+            fit = ["fit", "--config", str(config_path)]
+            last = checkpoints / "last.ckpt"
+            if last.is_file():
+                if checkpoint_loads(last):
+                    fit += ["--ckpt_path", str(last)]
+                    self.log(f"  resuming the fit from {last}")
+                else:
+                    broken = last.with_name("last.ckpt.broken")
+                    os.replace(last, broken)
+                    self.log(f"  {last} is unreadable (moved to {broken.name}); the fit starts over")
+            state["fit_attempts"] += 1
+            if state["fit_attempts"] > 1:  # keep the earlier attempts' logs
+                fit += ["--trainer.logger.init_args.version", f"fit_{state['fit_attempts']}"]
+            state["fit_command"] = fit
+            state["commands"].append(["defectseg", *fit])
+        state["test_command"] = ["test", "--config", str(config_path), "--trainer.logger.init_args.version", "test"]
+        state["test_checkpoint"] = self.test_checkpoint_kind()
+        state["checkpoint_dir"] = str(checkpoints)
+        test_logs = run.run_dir / "logs" / "test"
+        if test_logs.is_dir():
+            for path in test_logs.iterdir():  # an earlier, failed test of this run
+                if path.is_file():
+                    path.unlink()
+        _write_json(state_path, state)
+        command = [self.settings.python, "-m", "defectseg.experiments.worker", str(run.run_dir)]
+        start, cpu_start = time.perf_counter(), _children_cpu_time()
+        try:
+            code = self.launcher(command, run.run_dir / "run.log", self._env())
+        finally:
+            state = _read_json(state_path) or state
+            state["wall_time_s"] = state.get("wall_time_s", 0.0) + time.perf_counter() - start
+            state["cpu_time_s"] = state.get("cpu_time_s", 0.0) + _children_cpu_time() - cpu_start
+            _write_json(state_path, state)
+        if code != 0:
+            raise RunFailedError(self._failure(state.get("failed_stage", "fit"), run, code))
+        metrics = read_metrics_csv(test_logs / "metrics.csv")
+        metrics = {k: v for k, v in metrics.items() if k.startswith("test/")}
+        if not metrics:
+            raise RunFailedError(f"run {run.spec.key}: the test logged no test/ metric in {test_logs / 'metrics.csv'}")
+        metrics.update(fit_summary(run.run_dir))
+        results = {
+            "grid": self.settings.grid.name,
+            "mode": self.settings.mode,
+            "config": run.spec.config,
+            "seed": run.spec.seed,
+            "metrics": metrics,
+            "wall_time_s": state["wall_time_s"],
+            "cpu_time_s": state.get("cpu_time_s", 0.0),
+            "fit_time_s": state.get("fit_time_s", 0.0),
+            "test_time_s": state.get("test_time_s", 0.0),
+            "checkpoint": state.get("tested_checkpoint"),
+            "config_hash": run.config_hash,
+            "finished": dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        _write_json(run.run_dir / RESULTS_FILE, results)
+        return results
+
+    def _failure(self, stage: str, run: PlannedRun, code: int) -> str:
+        log = run.run_dir / "run.log"
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = "\n".join(log.read_text().splitlines()[-15:])
+        return f"run {run.spec.key}: `defectseg {stage}` exited with code {code}; see {log}\n{tail}"
+
+    def test_checkpoint_kind(self) -> str:
+        return self.settings.test_checkpoint or self.settings.grid.test_checkpoint[self.settings.mode]
+
+    def _record_invocation(self, argv: Sequence[str] | None, started: dt.datetime, **extra: Any) -> None:
+        path = self.out / PLAN_FILE
+        data = _read_json(path)
+        s = self.settings
+        data.update(
+            {
+                "grid": s.grid.name,
+                "grid_file": s.grid.source,
+                "description": s.grid.description,
+                "mode": s.mode,
+                "base": list(s.base),
+                "overrides": list(s.overrides),
+                "seeds": s.grid.seed_list(s.mode, s.seeds),
+                "test_checkpoint": self.test_checkpoint_kind(),
+                "configurations": list(dict.fromkeys(r.spec.config for r in self.plan())),
+                "runs": [r.spec.key for r in self.plan()],
+            }
+        )
+        invocations = data.setdefault("invocations", [])
+        if self._invocation is None:
+            self._invocation = len(invocations)
+        entry = {
+            "command": list(argv) if argv is not None else None,
+            "cwd": os.getcwd(),
+            "started": started.isoformat(timespec="seconds"),
+            "hardware": environment_info(),
+            **extra,
+        }
+        if self._invocation < len(invocations):
+            invocations[self._invocation] = entry
+        else:
+            invocations.append(entry)
+        _write_json(path, data)
+
+    def run(self, argv: Sequence[str] | None = None, validate: bool = True) -> dict[str, Any]:
+        """Run every unfinished run, then write the CSV, summary and plots.
+
+        Args:
+            argv: the command line, recorded in ``compare.json``.
+            validate: check the configs with the CLI parser before running.
+
+        Returns:
+            ``{"executed": n, "skipped": n, "failed": [(key, message)], "wall_time_s": s}``.
+        """
+        from defectseg.experiments.results import write_reports
+
+        plan = self.plan()
+        self.check_out_dir()
+        self.out.mkdir(parents=True, exist_ok=True)
+        started = dt.datetime.now()
+        clock = time.perf_counter()
+        self._record_invocation(argv, started, status="running")
+        todo = [run for run in plan if not run.finished]
+        configs = len(dict.fromkeys(r.spec.config for r in plan))
+        seeds = self.settings.grid.seed_list(self.settings.mode, self.settings.seeds)
+        self.log(
+            f"grid {self.settings.grid.name!r} ({self.settings.mode} mode): {configs} configurations x "
+            f"{len(seeds)} seeds = {len(plan)} runs; {len(plan) - len(todo)} finished earlier, "
+            f"{len(todo)} to run -> {self.out}"
+        )
+        if todo and validate:
+            self.validate()
+        failed: list[tuple[str, str]] = []
+        durations: list[float] = []
+        status = "finished"
+        try:
+            for number, run in enumerate(todo, start=1):
+                elapsed = time.perf_counter() - clock
+                eta = ""
+                if durations:
+                    eta = f", about {_format_seconds(sum(durations) / len(durations) * (len(todo) - number + 1))} left"
+                self.log(
+                    f"run {number}/{len(todo)}: {run.spec.config} seed {run.spec.seed} "
+                    f"({len(todo) - number} after this; elapsed {_format_seconds(elapsed)}{eta})"
+                )
+                run_start = time.perf_counter()
+                try:
+                    results = self.run_one(run)
+                except RunFailedError as err:
+                    failed.append((run.spec.key, str(err)))
+                    self.log(f"  FAILED: {err}")
+                    if self.settings.fail_fast:
+                        raise
+                    continue
+                durations.append(time.perf_counter() - run_start)
+                m = results["metrics"]
+                shown = ", ".join(
+                    f"{k} {m[k]:.4f}" for k in ("test/miou_defect", "test/global_defect_iou", "test/iou_imagewise") if k in m
+                )
+                self.log(f"  done in {results['wall_time_s']:.0f} s: {shown}")
+        except KeyboardInterrupt:
+            status = "interrupted"
+            self.log("interrupted; run the same command again to resume (finished runs are kept)")
+            raise
+        except RunFailedError:
+            status = "failed"
+            raise
+        finally:
+            wall = time.perf_counter() - clock
+            self._record_invocation(
+                argv, started, status=status if not failed or status != "finished" else "finished with failures",
+                finished=dt.datetime.now().isoformat(timespec="seconds"), wall_time_s=round(wall, 1),
+                runs_executed=len(durations), runs_failed=[key for key, _ in failed],
+            )
+            if any(run.finished for run in plan):
+                write_reports(self.out, plan, self.settings, _read_json(self.out / PLAN_FILE))
+        self.log(
+            f"{len(durations)} runs done, {len(plan) - len(todo)} skipped, {len(failed)} failed in "
+            f"{_format_seconds(wall)}; results in {self.out / 'summary.md'}"
+        )
+        if failed:
+            self.log("failed runs (run the same command again to retry them): " + ", ".join(k for k, _ in failed))
+        return {"executed": len(durations), "skipped": len(plan) - len(todo), "failed": failed, "wall_time_s": wall}
