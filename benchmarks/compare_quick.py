@@ -16,15 +16,17 @@ does nothing there). Add grids with ``--grids``.
 
 ``--estimate`` runs a few representative configurations of each grid once (1 seed, one thread:
 ``OMP_NUM_THREADS=1``), reads each run's CPU time (interpreter start-up, fit and test, data
-workers included) and predicts the grid's wall time on N free cores as
-``mean CPU time per run x runs / N`` (all cores busy) and ``/ (0.8 N)`` (a typical efficiency
-of two intra-op threads), printed as a table. Skips a dataset whose folder is missing.
+workers included), counts every configuration of the grid at the CPU time of the timed one that
+stands for it (:data:`ESTIMATE_CONFIGS`) times the seeds, and predicts the wall time on N free
+cores as ``total CPU time / N`` (all cores busy) to ``/ (0.8 N)`` (a typical efficiency of two
+intra-op threads), printed as a table. Skips a dataset whose folder is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fnmatch
 import json
 import os
 import platform
@@ -42,11 +44,12 @@ DATASETS = {
     "magnetic_tile": {"base": "configs/compare/magnetic_tile.yaml", "grids": ["losses", "dli"]},
     "neu_seg": {"base": "configs/compare/neu_seg.yaml", "grids": ["semi_supervised"]},
 }
-#: configurations timed by --estimate (cheap and expensive ends of each grid)
+#: configurations timed by --estimate, each standing for the configurations matching its
+#: pattern (the first match counts; fnmatch patterns)
 ESTIMATE_CONFIGS = {
-    "losses": ["ce", "balanced+dice"],
-    "dli": ["resnet18-dli", "mobilenet_v2-no_dli"],
-    "semi_supervised": ["uaps_10", "supervised_50"],
+    "losses": {"balanced+dice": "balanced*", "ce": "*"},
+    "dli": {"resnet18-dli": "*-dli", "mobilenet_v2-no_dli": "*"},
+    "semi_supervised": {"uaps_10": "uaps_*", "supervised_50": "*"},
 }
 
 
@@ -97,21 +100,25 @@ def estimate(datasets: list[str], grids: dict[str, list[str]], cores: int) -> No
         total_cpu = 0.0
         for grid_name in grids[dataset]:
             grid = Grid.from_yaml(REPO / "configs" / "compare" / f"{grid_name}.yaml")
-            runs = len(grid.runs("quick"))
-            names = [n for n in ESTIMATE_CONFIGS.get(grid_name, []) if n in dict(grid.configurations())]
-            names = names or [grid.configurations()[0][0]]
+            configs = [name for name, _ in grid.configurations()]
+            patterns = {n: p for n, p in ESTIMATE_CONFIGS.get(grid_name, {}).items() if n in configs}
+            patterns = patterns or {configs[0]: "*"}
             with tempfile.TemporaryDirectory(prefix="compare-estimate-") as tmp:
                 out = Path(tmp) / "out"
-                only = [f"--only={','.join(names)}", "--seeds", "1"]
+                only = [f"--only={','.join(patterns)}", "--seeds", "1"]
                 run(compare_command(dataset, grid_name, out, only), env=env)
-                cpu = []
-                for name in names:
+                cpu = {}
+                for name in patterns:
                     results = json.loads((out / "runs" / name / "seed_0" / "results.json").read_text())
-                    cpu.append(results["cpu_time_s"])
+                    cpu[name] = results["cpu_time_s"]
                     rows.append((dataset, grid_name, name, results["cpu_time_s"], results["wall_time_s"]))
-            mean = sum(cpu) / len(cpu)
-            total_cpu += mean * runs
-            rows.append((dataset, grid_name, f"= {runs} runs x {mean:.0f} cpu-s", mean * runs, None))
+            seeds = len(grid.seed_list("quick"))
+            grid_cpu = 0.0
+            for config in configs:
+                match = next((n for n, p in patterns.items() if fnmatch.fnmatchcase(config, p)), None)
+                grid_cpu += seeds * (cpu[match] if match else sum(cpu.values()) / len(cpu))
+            total_cpu += grid_cpu
+            rows.append((dataset, grid_name, f"= {len(configs)} configurations x {seeds} seeds", grid_cpu, None))
         rows.append((dataset, "all", f"on {cores} free cores: {total_cpu / cores / 60:.0f} to "
                      f"{total_cpu / (0.8 * cores) / 60:.0f} min", total_cpu, None))
     print("\n| dataset | grid | run | CPU s | wall s (this machine) |\n|---|---|---|---:|---:|")

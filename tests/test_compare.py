@@ -355,6 +355,22 @@ def test_runner_refuses_foreign_folders_and_changed_configs(tmp_path):
         CompareRunner(changed, launcher=FakeLauncher(), printer=lambda s: None).run(validate=False)
 
 
+def test_runner_refuses_a_folder_another_invocation_is_running_in(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "out"
+    out.mkdir()
+    with (out / ".compare.lock").open("a+") as handle:
+        handle.write("pid 12345 on host")
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        launcher = FakeLauncher()
+        with pytest.raises(GridError, match="another defectseg compare .pid 12345 on host. is running"):
+            CompareRunner(fake_settings(tmp_path), launcher=launcher, printer=lambda s: None).run(validate=False)
+        assert launcher.calls == []
+    summary = CompareRunner(fake_settings(tmp_path), launcher=FakeLauncher(), printer=lambda s: None).run(validate=False)
+    assert summary["executed"] == 4
+
+
 def test_summary_aggregation_helpers(tmp_path):
     rows = [
         {"config": "x", "seed": 0, "status": "finished", "test/miou_defect": 0.2, "test/fp_rate_defect_free": 0.5},

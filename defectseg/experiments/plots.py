@@ -61,12 +61,11 @@ def plot_iou_per_class(rows: Sequence[dict[str, Any]], path: Path, title: str = 
         axes.bar(x - 0.4 + width * (index + 0.5), means, width, yerr=stds, capsize=2, label=config, color=colour)
     axes.set_xticks(x, names)
     axes.set_ylabel("IoU (dataset-level, test)")
-    axes.set_ylim(0, 1)
-    axes.set_title(f"IoU per defect class {title}".strip())
+    axes.set_ylim(0, 1.02)
+    axes.set_title(f"{title}: IoU per defect class" if title else "IoU per defect class")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=7, ncol=min(4, len(configs)), loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path)
+    axes.legend(fontsize=7, ncol=min(4, len(configs)), loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    figure.savefig(path, bbox_inches="tight")
     return path
 
 
@@ -97,10 +96,9 @@ def plot_miou_per_method(rows: Sequence[dict[str, Any]], path: Path, title: str 
             axes.scatter([position + offset] * len(values), values, s=9, color="black", zorder=3)
     axes.set_xticks(x, configs, rotation=30 if len(configs) > 4 else 0, ha="right" if len(configs) > 4 else "center")
     axes.set_ylabel("IoU (test)")
-    axes.set_ylim(0, 1)
-    axes.set_title(f"Mean IoU per method {title}".strip())
+    axes.set_ylim(0, 1.02)
+    axes.set_title(f"{title}: mean IoU per method" if title else "Mean IoU per method")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    figure.savefig(path)
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(configs) > 4 else -0.08))
+    figure.savefig(path, bbox_inches="tight")
     return path

@@ -400,7 +400,11 @@ class CompareRunner:
         and run folders made from another config."""
         if self.out.exists() and not self.out.is_dir():
             raise GridError(f"--out {str(self.out)!r} is a file; give a folder")
-        if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / PLAN_FILE).is_file():
+        if (
+            self.out.is_dir()
+            and any(p.name != ".compare.lock" for p in self.out.iterdir())
+            and not (self.out / PLAN_FILE).is_file()
+        ):
             raise GridError(
                 f"--out {str(self.out)!r} is not empty and holds no {PLAN_FILE}: it is not a defectseg "
                 "compare folder; give a new or empty folder (nothing in it is overwritten)"
@@ -585,11 +589,41 @@ class CompareRunner:
         Returns:
             ``{"executed": n, "skipped": n, "failed": [(key, message)], "wall_time_s": s}``.
         """
-        from defectseg.experiments.results import write_reports
-
         plan = self.plan()
         self.check_out_dir()
         self.out.mkdir(parents=True, exist_ok=True)
+        with self._exclusive():
+            return self._run(plan, argv, validate)
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Hold ``OUT/.compare.lock`` so two invocations never run the same grid folder at once."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            yield
+            return
+        with (self.out / ".compare.lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise GridError(
+                    f"another defectseg compare ({owner}) is running in {self.out}; wait for it or stop it"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {platform.node()}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _run(self, plan: list[PlannedRun], argv: Sequence[str] | None, validate: bool) -> dict[str, Any]:
+        from defectseg.experiments.results import write_reports
+
         started = dt.datetime.now()
         clock = time.perf_counter()
         self._record_invocation(argv, started, status="running")

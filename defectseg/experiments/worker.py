@@ -88,8 +88,17 @@ def run(run_dir: Path) -> int:
     return 0
 
 
+#: Lightning subcommands: a multi-process strategy (DDP) relaunches this module with the
+#: command line of the stage being run, which is then passed straight to ``defectseg``.
+_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _SUBCOMMANDS:
+        from defectseg.cli import main as defectseg_main
+
+        return defectseg_main(argv) or 0
     if len(argv) != 1:
         print("usage: python -m defectseg.experiments.worker RUN_DIR", file=sys.stderr)
         return 2
