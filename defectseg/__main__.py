@@ -3,4 +3,4 @@
 from defectseg.cli import main
 
 if __name__ == "__main__":  # pragma: no cover - exercised through the CLI tests
-    main()
+    raise SystemExit(main())
