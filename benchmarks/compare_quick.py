@@ -3,8 +3,9 @@
 Runs ``defectseg compare --quick`` for each grid on Magnetic Tile and on NEU-Seg (its leak-free
 ``grouped`` split), each into ``docs/results/<dataset>/<grid>/`` (summary.md, runs.csv, plots;
 the per-run folders are written under ``runs/compare_quick/`` and not meant to be committed), and
-writes ``docs/results/<dataset>/README.md`` with the exact commands, the hardware, the date and
-the wall time. Rerun it to resume: finished runs are skipped.
+writes ``docs/results/<dataset>/README.md`` (from ``benchmark.json`` beside it, one record per
+grid, kept across invocations) with the exact command, the hardware, the date and the wall
+time of each grid. Rerun it to resume: finished runs are skipped.
 
     python benchmarks/compare_quick.py                       # both datasets, default grids
     python benchmarks/compare_quick.py --datasets magnetic_tile
@@ -18,8 +19,9 @@ does nothing there). Add grids with ``--grids``.
 ``OMP_NUM_THREADS=1``), reads each run's CPU time (interpreter start-up, fit and test, data
 workers included), counts every configuration of the grid at the CPU time of the timed one that
 stands for it (:data:`ESTIMATE_CONFIGS`) times the seeds, and predicts the wall time on N free
-cores as ``total CPU time / N`` (all cores busy) to ``/ (0.8 N)`` (a typical efficiency of two
-intra-op threads), printed as a table. Skips a dataset whose folder is missing.
+cores with ``--jobs N`` (N runs at once, one thread each) as ``total CPU time / N``, printed as
+a table. The grids run with ``--jobs`` (default 2): on a small CPU, runs side by side with one
+thread each use the cores better than one run with several threads. Skips a dataset whose folder is missing.
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ def estimate(datasets: list[str], grids: dict[str, list[str]], cores: int) -> No
                 grid_cpu += seeds * (cpu[match] if match else sum(cpu.values()) / len(cpu))
             total_cpu += grid_cpu
             rows.append((dataset, grid_name, f"= {len(configs)} configurations x {seeds} seeds", grid_cpu, None))
-        rows.append((dataset, "all", f"on {cores} free cores: {total_cpu / cores / 60:.0f} to "
-                     f"{total_cpu / (0.8 * cores) / 60:.0f} min", total_cpu, None))
+        rows.append((dataset, "all", f"predicted: {total_cpu / cores / 60:.0f} min on {cores} free cores "
+                     f"with --jobs {cores}", total_cpu, None))
     print("\n| dataset | grid | run | CPU s | wall s (this machine) |\n|---|---|---|---:|---:|")
     for dataset, grid_name, name, cpu, wall in rows:
         print(f"| {dataset} | {grid_name} | {name} | {cpu:.0f} | {'' if wall is None else f'{wall:.0f}'} |")
@@ -135,6 +137,7 @@ def main() -> int:
     parser.add_argument("--runs", default="runs/compare_quick", help="where the run folders go")
     parser.add_argument("--estimate", action="store_true", help="time one run per grid and predict the total")
     parser.add_argument("--cores", type=int, default=2, help="cores assumed by --estimate (default 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at the same time (defectseg compare --jobs)")
     args = parser.parse_args()
 
     available = []
@@ -151,41 +154,53 @@ def main() -> int:
     for dataset in available:
         results = REPO / args.results / dataset
         results.mkdir(parents=True, exist_ok=True)
-        records = []
-        started = dt.datetime.now()
+        record_path = results / "benchmark.json"
+        records = json.loads(record_path.read_text()) if record_path.is_file() else {}
         for grid in grids[dataset]:
             out = Path(args.runs) / dataset / grid
-            command = compare_command(dataset, grid, out, [])
+            command = compare_command(dataset, grid, out, ["--jobs", str(args.jobs)])
             print(f"\n=== {dataset} / {grid}: {' '.join(command)}", flush=True)
+            started = dt.datetime.now()
             wall = run(command)
             target = results / grid
             target.mkdir(parents=True, exist_ok=True)
             for name in ("summary.md", "runs.csv", "iou_per_class.png", "miou_per_method.png", "compare.json"):
                 if (REPO / out / name).is_file():
                     shutil.copy2(REPO / out / name, target / name)
-            records.append((grid, command, wall))
+            plan = json.loads((REPO / out / "compare.json").read_text())
+            total = sum(float(i.get("wall_time_s") or 0) for i in plan.get("invocations", []))
+            records[grid] = {
+                "command": " ".join(command),
+                "started": started.isoformat(timespec="minutes"),
+                "finished": dt.datetime.now().isoformat(timespec="minutes"),
+                "wall_time_s": round(wall, 1),
+                "grid_wall_time_s": round(total, 1),
+                "invocations": len(plan.get("invocations", [])),
+                "hardware": hardware(),
+                "code": f"git {git_commit()}; python {platform.python_version()}",
+            }
+            record_path.write_text(json.dumps(records, indent=2) + "\n")
         lines = [
             f"# Quick-mode comparisons on {dataset}",
             "",
-            f"- Date: {started.isoformat(timespec='minutes')} to {dt.datetime.now().isoformat(timespec='minutes')}",
-            f"- Hardware: {hardware()}",
-            f"- Code: git {git_commit()}; python {platform.python_version()}",
-            "- Produced by `python benchmarks/compare_quick.py"
-            + (f" --datasets {dataset}" if len(available) > 1 or args.datasets != list(DATASETS) else "")
-            + (f" --grids {' '.join(args.grids)}" if args.grids else "") + "`; per grid:",
-            "",
-            "| grid | command | wall time (this invocation) | summary |",
-            "|---|---|---:|---|",
+            "Written by `python benchmarks/compare_quick.py` (see docs/results.md for what quick mode is and "
+            "how these numbers relate to the papers'). One section per grid, newest run of each.",
         ]
-        for grid, command, wall in records:
-            lines.append(f"| {grid} | `{' '.join(command)}` | {wall / 60:.1f} min | [summary]({grid}/summary.md) |")
-        lines += [
-            "",
-            "Wall times of resumed grids count this invocation only; each summary.md lists every invocation. "
-            "What quick mode is and how these numbers relate to the papers': docs/results.md.",
-            "",
-        ]
-        (results / "README.md").write_text("\n".join(lines))
+        for grid, record in records.items():
+            lines += [
+                "",
+                f"## {grid}",
+                "",
+                f"- Command: `{record['command']}`",
+                f"- Date: {record['started']} to {record['finished']}",
+                f"- Wall time: {record['wall_time_s'] / 60:.1f} min for this invocation; "
+                f"{record['grid_wall_time_s'] / 60:.1f} min over the grid's {record['invocations']} invocation(s)",
+                f"- Hardware: {record['hardware']}",
+                f"- Code: {record['code']}",
+                f"- Results: [summary]({grid}/summary.md), [runs.csv]({grid}/runs.csv), "
+                f"[IoU per class]({grid}/iou_per_class.png), [mean IoU per method]({grid}/miou_per_method.png)",
+            ]
+        (results / "README.md").write_text("\n".join(lines) + "\n")
         print(f"\nwrote {results / 'README.md'}")
     return 0
 

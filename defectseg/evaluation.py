@@ -208,6 +208,11 @@ class DefectFreeFalsePositiveRate(Metric):
         self.false_positives += int((defect_free & (area >= self.min_area)).sum())
         self.images += int(defect_free.sum())
 
+    def counts(self) -> tuple[int, int]:
+        """``(false positives, defect-free images)``, summed across processes."""
+        with self.sync_context():
+            return int(self.false_positives), int(self.images)
+
     def compute(self) -> torch.Tensor:
         """The false-positive rate; ``nan`` when the set has no defect-free image."""
         if int(self.images) == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,7 @@ def test_fp_rate_on_defect_free_images_with_min_area():
     assert int(metric.images) == 4
     assert int(metric.false_positives) == 1  # the third image only
     assert metric.compute().item() == pytest.approx(1 / 4)
+    assert metric.counts() == (1, 4)
 
     flagged = DefectFreeFalsePositiveRate(min_area=1)
     flagged.update(preds, target, defect_free=torch.tensor([True, True, False, False, True]))
@@ -340,6 +342,37 @@ def test_runner_resumes_crashed_runs_from_last_ckpt_and_skips_finished(tmp_path)
     assert json.loads(state_path.read_text())["fit_done"] is True
 
 
+def test_runner_runs_jobs_in_parallel_with_a_thread_each(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fake = FakeLauncher(interrupt_at="a/seed_1")
+    lock, state = threading.Lock(), {"now": 0, "max": 0, "threads": set()}
+
+    def launcher(command, log_path, env):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+            state["threads"].add(env.get("OMP_NUM_THREADS"))
+        time.sleep(0.3)
+        try:
+            return fake(command, log_path, env)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    lines: list[str] = []
+    summary = CompareRunner(fake_settings(tmp_path, jobs=2), launcher=launcher, printer=lines.append).run(validate=False)
+    assert summary["executed"] == 3 and [k for k, _ in summary["failed"]] == ["a/seed_1"]
+    assert state["max"] == 2
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert state["threads"] == {str(max(1, cores // 2))}
+    rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
+    assert [r["status"] for r in rows] == ["finished", "unfinished", "finished", "finished"]
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["invocations"][0]["jobs"] == 2
+
+
 def test_runner_refuses_foreign_folders_and_changed_configs(tmp_path):
     foreign = tmp_path / "out"
     foreign.mkdir()
@@ -462,3 +495,45 @@ def test_compare_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert "2 finished earlier, 0 to run" in stdout and "run 1/" not in stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(list(csv.DictReader((out / "runs.csv").open()))) == 2
+
+
+def test_a_bad_fragment_is_reported_before_anything_runs(tmp_path):
+    grid = Grid.from_dict({"configurations": {"ok": {}, "typo": {"model": {"init_args": {"lossy": "ce"}}}},
+                           "seeds": 1}, source="g.yaml")
+    settings = CompareSettings(base=[str(tiny_base(tmp_path))], grid=grid, out=tmp_path / "out", quick=True)
+    launcher = FakeLauncher()
+    with pytest.raises(GridError, match="(?s)configuration 'typo'.*lossy") as error:
+        CompareRunner(settings, launcher=launcher, printer=lambda s: None).run()
+    assert "'ok'" not in str(error.value)
+    assert launcher.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_shipped_grids_parse_with_the_cli_in_both_modes(tmp_path, capsys):
+    """--dry-run checks every merged config of the shipped grids with the `defectseg fit` parser."""
+    from defectseg.cli import main
+
+    for grid in ("losses", "dli", "semi_supervised"):
+        for mode in (["--quick"], []):
+            out = tmp_path / f"{grid}{mode}"
+            code = main(["compare", "--base", str(REPO / "configs/compare/synthetic.yaml"), "--grid",
+                         str(REPO / f"configs/compare/{grid}.yaml"), "--out", str(out), "--dry-run", *mode])
+            assert code == 0
+            assert not out.exists()  # a dry run writes nothing
+    text = capsys.readouterr().out
+    assert "24 runs; configs parse." in text and "40 runs; configs parse." in text  # losses quick, full
+    assert "balanced+dice/seed_4" in text
+
+
+def test_compare_command_errors(tmp_path):
+    from defectseg.cli import main
+
+    base = str(tiny_base(tmp_path))
+    with pytest.raises(SystemExit, match="grid file .*missing.yaml.* does not exist"):
+        main(["compare", "--base", base, "--grid", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
+    grid = write_grid(tmp_path / "g.yaml", {"configurations": {"a": {}}})
+    with pytest.raises(SystemExit, match="config file .*nope.yaml.* does not exist"):
+        main(["compare", "--base", str(tmp_path / "nope.yaml"), "--grid", str(grid), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="holds no compare.json"):
+        main(["compare", "--base", base, "--grid", str(grid), "--out", str(tmp_path / "o"), "--report-only"])
+    with pytest.raises(SystemExit):
+        main(["compare", "--base", base, "--grid", str(grid), "--out", "o", "--seeds", "2", "--seed-list", "1,2"])

@@ -41,11 +41,12 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -56,8 +57,21 @@ STATE_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "compare.json"
 
-#: ``launcher(command, log_path, env) -> exit code``: runs one subprocess.
-Launcher = Callable[[list[str], Path, dict[str, str]], int]
+
+
+class LaunchResult(NamedTuple):
+    """What a launcher reports: the exit code and the CPU seconds of the process tree."""
+
+    code: int
+    cpu_time_s: float | None = None
+
+
+#: ``launcher(command, log_path, env) -> exit code | LaunchResult``: runs one subprocess.
+Launcher = Callable[[list[str], Path, dict[str, str]], "int | LaunchResult"]
+
+#: Subprocesses started by :func:`default_launcher` and still running (for Ctrl-C handling).
+_ACTIVE: set[subprocess.Popen] = set()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class RunConflictError(GridError):
@@ -96,6 +110,8 @@ class CompareSettings:
         test_checkpoint: ``best`` or ``last`` (default: the grid's).
         only: run these configurations only.
         fail_fast: stop at the first failed run (else go on and report failures at the end).
+        jobs: runs at the same time. With more than one, each run gets
+            ``OMP_NUM_THREADS = cores // jobs`` unless the environment sets it.
         python: interpreter of the subprocesses.
     """
 
@@ -108,6 +124,7 @@ class CompareSettings:
     test_checkpoint: str | None = None
     only: list[str] | None = None
     fail_fast: bool = False
+    jobs: int = 1
     python: str = sys.executable
 
     @property
@@ -306,43 +323,52 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _children_cpu_time() -> float:
-    """User + system CPU seconds of this process's finished subprocesses (0 where unsupported)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - Windows
-        return 0.0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def default_launcher(command: list[str], log_path: Path, env: dict[str, str]) -> int:
-    """Run ``command`` with its output appended to ``log_path``; its exit code.
+def default_launcher(command: list[str], log_path: Path, env: dict[str, str]) -> LaunchResult:
+    """Run ``command`` with its output appended to ``log_path``.
 
-    On Ctrl-C the child (which gets the same SIGINT from the terminal) is given time to write
-    its ``last.ckpt`` before the interrupt goes on.
+    Returns its exit code and the user + system CPU seconds of the process and the children it
+    waited for (its data-loader workers). On Ctrl-C the child, which gets the same SIGINT from
+    the terminal, is given time to write its ``last.ckpt`` before the interrupt goes on.
     """
     with log_path.open("a") as log:
         log.write(f"\n$ {' '.join(command)}\n# {dt.datetime.now().isoformat(timespec='seconds')}\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        with _ACTIVE_LOCK:
+            _ACTIVE.add(process)
         try:
-            return process.wait()
+            if hasattr(os, "wait4"):
+                _, status, usage = os.wait4(process.pid, 0)
+                process.returncode = os.waitstatus_to_exitcode(status)
+                return LaunchResult(process.returncode, usage.ru_utime + usage.ru_stime)
+            return LaunchResult(process.wait())  # pragma: no cover - no wait4 (Windows)
         except KeyboardInterrupt:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGINT)
-                try:
-                    process.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            _stop_gently([process])
             raise
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE.discard(process)
+
+
+def _stop_gently(processes: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
+    """Let interrupted runs finish writing ``last.ckpt``: wait ``grace`` seconds for them to exit
+    (they got the terminal's SIGINT too), then send SIGINT, then kill after two minutes."""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 # ---------------------------------------------------------------------- runner
@@ -447,6 +473,9 @@ class CompareRunner:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("WANDB_MODE", "offline")
+        if self.settings.jobs > 1 and "OMP_NUM_THREADS" not in env:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            env["OMP_NUM_THREADS"] = str(max(1, cores // self.settings.jobs))
         return env
 
     def run_one(self, run: PlannedRun) -> dict[str, Any]:
@@ -483,11 +512,11 @@ class CompareRunner:
             if last.is_file():
                 if checkpoint_loads(last):
                     fit += ["--ckpt_path", str(last)]
-                    self.log(f"  resuming the fit from {last}")
+                    self.log(f"  {run.spec.key}: resuming the fit from {last}")
                 else:
                     broken = last.with_name("last.ckpt.broken")
                     os.replace(last, broken)
-                    self.log(f"  {last} is unreadable (moved to {broken.name}); the fit starts over")
+                    self.log(f"  {run.spec.key}: {last} is unreadable (moved to {broken.name}); the fit starts over")
             state["fit_attempts"] += 1
             if state["fit_attempts"] > 1:  # keep the earlier attempts' logs
                 fit += ["--trainer.logger.init_args.version", f"fit_{state['fit_attempts']}"]
@@ -503,14 +532,18 @@ class CompareRunner:
                     path.unlink()
         _write_json(state_path, state)
         command = [self.settings.python, "-m", "defectseg.experiments.worker", str(run.run_dir)]
-        start, cpu_start = time.perf_counter(), _children_cpu_time()
+        start = time.perf_counter()
+        result: int | LaunchResult = 1
         try:
-            code = self.launcher(command, run.run_dir / "run.log", self._env())
+            result = self.launcher(command, run.run_dir / "run.log", self._env())
         finally:
+            launched = result if isinstance(result, LaunchResult) else LaunchResult(int(result))
             state = _read_json(state_path) or state
             state["wall_time_s"] = state.get("wall_time_s", 0.0) + time.perf_counter() - start
-            state["cpu_time_s"] = state.get("cpu_time_s", 0.0) + _children_cpu_time() - cpu_start
+            if launched.cpu_time_s is not None:
+                state["cpu_time_s"] = state.get("cpu_time_s", 0.0) + launched.cpu_time_s
             _write_json(state_path, state)
+        code = launched.code
         if code != 0:
             raise RunFailedError(self._failure(state.get("failed_stage", "fit"), run, code))
         metrics = read_metrics_csv(test_logs / "metrics.csv")
@@ -534,6 +567,82 @@ class CompareRunner:
         }
         _write_json(run.run_dir / RESULTS_FILE, results)
         return results
+
+    def _log_start(
+        self, number: int, total: int, run: PlannedRun, clock: float, durations: Sequence[float], running: int
+    ) -> None:
+        elapsed = time.perf_counter() - clock
+        eta = ""
+        if durations:
+            left = (total - number + 1 + running) * (sum(durations) / len(durations)) / self.settings.jobs
+            eta = f", about {_format_seconds(left)} left"
+        self.log(
+            f"run {number}/{total}: {run.spec.config} seed {run.spec.seed} "
+            f"({total - number} after this; elapsed {_format_seconds(elapsed)}{eta})"
+        )
+
+    def _log_done(self, run: PlannedRun, results: dict[str, Any]) -> None:
+        m = results["metrics"]
+        shown = ", ".join(
+            f"{k} {m[k]:.4f}" for k in ("test/miou_defect", "test/global_defect_iou", "test/iou_imagewise") if k in m
+        )
+        prefix = f"{run.spec.key} " if self.settings.jobs > 1 else ""
+        self.log(f"  {prefix}done in {results['wall_time_s']:.0f} s: {shown}")
+
+    def _log_failure(self, run: PlannedRun, err: Exception, failed: list[tuple[str, str]]) -> None:
+        failed.append((run.spec.key, str(err)))
+        self.log(f"  FAILED: {err}")
+
+    def _execute_parallel(
+        self, todo: list[PlannedRun], clock: float, failed: list[tuple[str, str]], durations: list[float]
+    ) -> None:
+        """Run ``todo`` with ``jobs`` runs at a time (each a worker subprocess, waited for in a thread)."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        queue = list(enumerate(todo, start=1))
+        running: dict[Any, tuple[PlannedRun, float]] = {}
+        first_error: RunFailedError | None = None
+        pool = ThreadPoolExecutor(max_workers=self.settings.jobs, thread_name_prefix="defectseg-compare")
+        try:
+            while queue or running:
+                while queue and len(running) < self.settings.jobs and first_error is None:
+                    number, run = queue.pop(0)
+                    self._log_start(number, len(todo), run, clock, durations, running=len(running))
+                    running[pool.submit(self.run_one, run)] = (run, time.perf_counter())
+                if not running:
+                    break
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    run, run_start = running.pop(future)
+                    try:
+                        results = future.result()
+                    except RunFailedError as err:
+                        self._log_failure(run, err, failed)
+                        if self.settings.fail_fast and first_error is None:
+                            first_error = err
+                            queue.clear()
+                        continue
+                    durations.append(time.perf_counter() - run_start)
+                    self._log_done(run, results)
+            if first_error is not None:
+                raise first_error
+        except KeyboardInterrupt:
+            # the runs got the terminal's SIGINT too: give them time to write last.ckpt
+            wait(list(running), timeout=5)
+            with _ACTIVE_LOCK:
+                active = [p for p in _ACTIVE if p.returncode is None]
+            for process in active:
+                with contextlib.suppress(OSError):
+                    process.send_signal(signal.SIGINT)
+            _, late = wait(list(running), timeout=120)
+            if late:
+                with _ACTIVE_LOCK:
+                    for process in _ACTIVE:
+                        with contextlib.suppress(OSError):
+                            process.kill()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _failure(self, stage: str, run: PlannedRun, code: int) -> str:
         log = run.run_dir / "run.log"
@@ -591,9 +700,19 @@ class CompareRunner:
         """
         plan = self.plan()
         self.check_out_dir()
+        todo = [run for run in plan if not run.finished]
+        configs = len(dict.fromkeys(r.spec.config for r in plan))
+        seeds = self.settings.grid.seed_list(self.settings.mode, self.settings.seeds)
+        self.log(
+            f"grid {self.settings.grid.name!r} ({self.settings.mode} mode): {configs} configurations x "
+            f"{len(seeds)} seeds = {len(plan)} runs; {len(plan) - len(todo)} finished earlier, "
+            f"{len(todo)} to run -> {self.out}"
+        )
+        if todo and validate:
+            self.validate()
         self.out.mkdir(parents=True, exist_ok=True)
         with self._exclusive():
-            return self._run(plan, argv, validate)
+            return self._run(plan, argv)
 
     @contextlib.contextmanager
     def _exclusive(self):
@@ -621,50 +740,32 @@ class CompareRunner:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _run(self, plan: list[PlannedRun], argv: Sequence[str] | None, validate: bool) -> dict[str, Any]:
+    def _run(self, plan: list[PlannedRun], argv: Sequence[str] | None) -> dict[str, Any]:
         from defectseg.experiments.results import write_reports
 
         started = dt.datetime.now()
         clock = time.perf_counter()
         self._record_invocation(argv, started, status="running")
-        todo = [run for run in plan if not run.finished]
-        configs = len(dict.fromkeys(r.spec.config for r in plan))
-        seeds = self.settings.grid.seed_list(self.settings.mode, self.settings.seeds)
-        self.log(
-            f"grid {self.settings.grid.name!r} ({self.settings.mode} mode): {configs} configurations x "
-            f"{len(seeds)} seeds = {len(plan)} runs; {len(plan) - len(todo)} finished earlier, "
-            f"{len(todo)} to run -> {self.out}"
-        )
-        if todo and validate:
-            self.validate()
+        todo = [run for run in plan if not run.finished]  # again, now that the folder is ours
         failed: list[tuple[str, str]] = []
         durations: list[float] = []
         status = "finished"
         try:
-            for number, run in enumerate(todo, start=1):
-                elapsed = time.perf_counter() - clock
-                eta = ""
-                if durations:
-                    eta = f", about {_format_seconds(sum(durations) / len(durations) * (len(todo) - number + 1))} left"
-                self.log(
-                    f"run {number}/{len(todo)}: {run.spec.config} seed {run.spec.seed} "
-                    f"({len(todo) - number} after this; elapsed {_format_seconds(elapsed)}{eta})"
-                )
-                run_start = time.perf_counter()
-                try:
-                    results = self.run_one(run)
-                except RunFailedError as err:
-                    failed.append((run.spec.key, str(err)))
-                    self.log(f"  FAILED: {err}")
-                    if self.settings.fail_fast:
-                        raise
-                    continue
-                durations.append(time.perf_counter() - run_start)
-                m = results["metrics"]
-                shown = ", ".join(
-                    f"{k} {m[k]:.4f}" for k in ("test/miou_defect", "test/global_defect_iou", "test/iou_imagewise") if k in m
-                )
-                self.log(f"  done in {results['wall_time_s']:.0f} s: {shown}")
+            if self.settings.jobs > 1:
+                self._execute_parallel(todo, clock, failed, durations)
+            else:
+                for number, run in enumerate(todo, start=1):
+                    self._log_start(number, len(todo), run, clock, durations, running=0)
+                    run_start = time.perf_counter()
+                    try:
+                        results = self.run_one(run)
+                    except RunFailedError as err:
+                        self._log_failure(run, err, failed)
+                        if self.settings.fail_fast:
+                            raise
+                        continue
+                    durations.append(time.perf_counter() - run_start)
+                    self._log_done(run, results)
         except KeyboardInterrupt:
             status = "interrupted"
             self.log("interrupted; run the same command again to resume (finished runs are kept)")
@@ -677,7 +778,7 @@ class CompareRunner:
             self._record_invocation(
                 argv, started, status=status if not failed or status != "finished" else "finished with failures",
                 finished=dt.datetime.now().isoformat(timespec="seconds"), wall_time_s=round(wall, 1),
-                runs_executed=len(durations), runs_failed=[key for key, _ in failed],
+                runs_executed=len(durations), runs_failed=[key for key, _ in failed], jobs=self.settings.jobs,
             )
             if any(run.finished for run in plan):
                 write_reports(self.out, plan, self.settings, _read_json(self.out / PLAN_FILE))

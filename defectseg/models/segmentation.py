@@ -133,7 +133,9 @@ class SegmentationModule(L.LightningModule):
         )
 
     def configure_metrics(self) -> None:
-        """Create the validation and test IoU metrics."""
+        """Create the validation and test IoU metrics, and the papers' test metrics
+        (:mod:`defectseg.evaluation`: image-wise IoU, global defect IoU, false-positive rate on
+        defect-free images)."""
         self.val_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
         self.test_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
         # the papers' test metrics (defectseg.evaluation), logged by on_test_epoch_end
@@ -275,7 +277,7 @@ class SegmentationModule(L.LightningModule):
                 self.log(f"{prefix}/iou_imagewise/{name}", value, sync_dist=False)
         self.log(f"{prefix}/iou_imagewise", summarize_iou(imagewise)["miou_defect"], sync_dist=False)
         self.log(f"{prefix}/global_defect_iou", float(self.test_global_defect_iou.compute()), sync_dist=False)
-        free_images = int(self.test_fp_rate.images)
+        _, free_images = self.test_fp_rate.counts()  # summed across devices, like compute()
         if free_images:
             self.log(f"{prefix}/fp_rate_defect_free", float(self.test_fp_rate.compute()), sync_dist=False)
             self.log(f"{prefix}/defect_free_images", float(free_images), sync_dist=False)
