@@ -323,3 +323,15 @@ def test_balanced_loss_trains_the_synthetic_quickstart_without_nan(tmp_path):
     for key in ("train/loss", "train/loss_balanced", "train/loss_dice", "val/loss"):
         assert torch.isfinite(metrics[key]), key
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_packed_confusion_falls_back_to_dense_when_digits_do_not_fit():
+    # r = 7 packs 3 bits per label: 25 classes need 3 * 26 = 78 bits > 63 -> dense counts
+    torch.manual_seed(0)
+    target = torch.randint(0, 25, (2, 12, 13))
+    target[0, :3] = IGNORE
+    packed = confusion_suppression_map(target, 25, 7, method="packed")
+    dense = confusion_suppression_map(target, 25, 7, method="dense")
+    torch.testing.assert_close(packed, dense, atol=1e-6, rtol=0)
+    # a pixel whose 7 x 7 window holds 49 distinct-enough labels is far from uniform
+    assert packed[1].max() < 1.0

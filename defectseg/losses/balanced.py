@@ -391,10 +391,10 @@ def confusion_suppression_map(
         ignore_index: label of unlabelled pixels.
         method: ``"dense"`` box-filters the one-hot annotation (``C`` channels);
             ``"packed"`` finds the windows that can hold two labels (a label change within
-            reach, from a few boolean passes) and counts only there, with four lookups in an
-            int64 integral image of ``sum_k n_k (r^2 + 1)^k`` and a digit decode (exact, and
-            many times cheaper on the CPU; it needs ``(H + r)(W + r)(r^2 + 1)^C < 2^62``, e.g.
-            ``C <= 9`` at 256 x 256 with ``r = 7``, and falls back to dense otherwise);
+            reach, from a few boolean passes) and counts only there, from bit-packed window-row
+            counts decoded with shifts (exact, and many times cheaper on the CPU; it needs
+            ``b (C + 1) <= 63`` with ``b`` the bits of ``r``, e.g. ``C <= 20`` with ``r = 7``,
+            and falls back to dense otherwise);
             ``"auto"``: packed on the CPU, dense on accelerators.
 
     Returns:
@@ -466,58 +466,72 @@ def _window_any(mask: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _confusion_packed(label, valid, num_classes, window) -> torch.Tensor | None:
-    batch, height, width = label.shape
-    base = window * window + 1  # a window holds at most r^2 pixels of one label: one digit each
     digits = num_classes + (valid is not None)  # ignored pixels get the top digit
-    if (height + window) * (width + window) * float(base) ** (digits - 1) >= 2.0**62:
-        return None  # int64 could not hold the sums
-    device = label.device
+    if window.bit_length() * digits > 63:
+        return None  # int64 could not hold a row's packed counts (one digit of r's bits per label)
     # 1. candidates: windows holding a pixel that differs from its right or lower neighbour (every
     #    window with two labels holds such a pixel; a few uniform ones do too, and decode to 1)
     small = label.to(torch.uint8) if digits <= 256 else label
-    edge = torch.zeros(label.shape, dtype=torch.bool, device=device)
+    edge = torch.zeros(label.shape, dtype=torch.bool, device=label.device)
     edge[:, :, :-1] = small[:, :, 1:] != small[:, :, :-1]
     edge[:, :-1, :] |= small[:, 1:, :] != small[:, :-1, :]
-    out = torch.ones(label.shape, device=device) if valid is None else valid.to(torch.float32)
-    changing = edge.view(batch, -1).any(dim=1)  # images with a single label (defect-free) keep 1
+    out = torch.ones(label.shape, device=label.device) if valid is None else valid.to(torch.float32)
+    changing = edge.view(label.shape[0], -1).any(dim=1)  # images with a single label (defect-free) keep 1
     if not bool(changing.all()):
         keep = changing.nonzero().squeeze(1)
         if keep.numel():
             sub_valid = None if valid is None else valid[keep]
-            out[keep] = _confusion_counts(label[keep], sub_valid, edge[keep], num_classes, window, digits)
+            out[keep] = _confusion_counts(label[keep], small[keep], sub_valid, edge[keep], num_classes, window, digits)
         return out
-    return _confusion_counts(label, valid, edge, num_classes, window, digits, out)
+    return _confusion_counts(label, small, valid, edge, num_classes, window, digits, out)
 
 
-def _confusion_counts(label, valid, edge, num_classes, window, digits, out=None) -> torch.Tensor:
-    """The packed method's second half, for images that hold a label change."""
+def _confusion_counts(label, small, valid, edge, num_classes, window, digits, out=None) -> torch.Tensor:
+    """The packed method's second half, for images that hold a label change.
+
+    Each pixel's label ``k`` becomes ``2 ** (b k)`` with ``b`` bits per digit, enough for ``r``;
+    summing these along a window's row gives the row's label counts as ``b``-bit digits (int32
+    when they fit, else int64). The ``r`` row sums of each candidate window are then gathered,
+    added up (even and odd digits apart, so that no digit overflows) and decoded with shifts.
+    """
     batch, height, width = label.shape
     half = window // 2
-    base = window * window + 1
+    bits = window.bit_length()
     device = label.device
     if out is None:
         out = torch.ones(label.shape, device=device) if valid is None else valid.to(torch.float32)
     mixed = _window_any(edge, window)
     if valid is not None:
         mixed &= valid
-    # 2. counts there: an integral image of sum_k n_k base^k (exact in int64) over the annotation
-    #    padded by r // 2 (so windows need no clipping), read at four corners per candidate, and
-    #    the base-(r^2 + 1) digits decoded. Candidates are listed in a canvas of the integral's
-    #    layout, so each window's first corner is its flat index there.
-    size = (batch, height + window, width + window)
-    canvas = torch.zeros(size, dtype=torch.bool, device=device)
-    canvas[:, :height, :width] = mixed
-    corner = canvas.view(-1).nonzero().squeeze(1)
-    if corner.numel() == 0:
+    candidate = mixed.view(-1).nonzero().squeeze(1)  # flat (b, y, x) indices
+    if candidate.numel() == 0:
         return out
-    powers = base ** torch.arange(digits, dtype=torch.int64, device=device)
-    packed = powers.view(1, -1).expand(batch, -1).gather(1, label.reshape(batch, -1)).view(label.shape)
-    integral = F.pad(packed, (half + 1, half, half + 1, half)).cumsum(2).cumsum(1).view(-1)
-    down = window * size[2]
-    corners = integral[corner.unsqueeze(1) + torch.tensor([0, window, down, down + window], device=device)]
-    sums = corners[:, 3] - corners[:, 2] - corners[:, 1] + corners[:, 0]
-    counts = torch.div(sums.unsqueeze(1), powers[:num_classes], rounding_mode="floor").remainder_(base)
-    return out.masked_scatter_(mixed, _entropy_weight(counts.to(torch.float32), num_classes))
+    dtype = torch.int32 if bits * digits <= 31 else torch.int64
+    shift = small.mul(bits) if digits * bits <= 255 else label * bits
+    # (a one-element, not zero-dim, left operand: the result takes its dtype, not uint8)
+    packed = torch.bitwise_left_shift(torch.ones(1, 1, 1, dtype=dtype, device=device), shift)
+    # rows[b, y + half, x]: packed counts of the window row centred at (y, x), clipped to the image;
+    # the `half` zero rows above and below stand for the rows outside the image
+    rows = torch.zeros(batch, height + 2 * half, width, dtype=dtype, device=device)
+    centre = rows[:, half : half + height]
+    centre += packed
+    for step in range(1, min(half, width - 1) + 1):
+        centre[:, :, step:] += packed[:, :, :-step]
+        centre[:, :, :-step] += packed[:, :, step:]
+    # candidate (b, y, x) -> rows[b, y + dy, x] for dy in 0..r-1 (rows is (B, H + 2 half, W))
+    first = candidate + (candidate // (height * width)) * (2 * half * width)
+    offsets = torch.arange(0, window * width, width, device=device)
+    row_sums = rows.view(-1)[first.unsqueeze(1) + offsets]  # (N, r)
+    # add the r rows up: a window count reaches r^2 < 2^(2b), so every other digit is masked out
+    # to give each kept digit 2b bits; the even digits, then the odd ones, are summed (int64)
+    field = 2 * bits
+    even = sum((1 << bits) - 1 << field * j for j in range((digits + 1) // 2))
+    sums = [(row_sums & even).sum(1), (row_sums >> bits & even).sum(1)]
+    shifts = torch.arange(0, field * ((num_classes + 1) // 2), field, device=device)
+    decoded = [torch.bitwise_right_shift(s.unsqueeze(1), shifts).bitwise_and_((1 << field) - 1) for s in sums]
+    counts = torch.stack(decoded, dim=2).view(-1, 2 * shifts.numel())[:, :num_classes]
+    out.view(-1)[candidate] = _entropy_weight(counts.to(torch.float32), num_classes)
+    return out
 
 
 # ---------------------------------------------------------------------------- the loss
