@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from defectseg.metrics import ClassMapMetric
+
 
 def _check_pair(preds: torch.Tensor, target: torch.Tensor, num_classes: int | None, ignore_index: int) -> None:
     if preds.shape != target.shape or preds.dim() != 3:
@@ -81,7 +83,7 @@ def global_defect_iou(confmat: torch.Tensor) -> float:
     return tp / total if total else 1.0
 
 
-class ImageWiseIoU(Metric):
+class ImageWiseIoU(ClassMapMetric):
     """Image-wise class IoU (the balanced-loss paper's definition).
 
     For each class ``c`` and image ``i`` where ``c`` is annotated or predicted,
@@ -95,15 +97,8 @@ class ImageWiseIoU(Metric):
         ignore_index: target value to skip.
     """
 
-    full_state_update = False
-    higher_is_better = True
-
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        super().__init__(num_classes, ignore_index)
         self.add_state("iou_sum", default=torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("images", default=torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -123,7 +118,7 @@ class ImageWiseIoU(Metric):
         return torch.where(self.images > 0, iou, torch.full_like(iou, float("nan"))).float()
 
 
-class GlobalDefectIoU(Metric):
+class GlobalDefectIoU(ClassMapMetric):
     """Global defect IoU (the DLI paper's): TP, FP, FN over the whole set and all defect classes.
 
     Args:
@@ -131,15 +126,8 @@ class GlobalDefectIoU(Metric):
         ignore_index: target value to skip.
     """
 
-    full_state_update = False
-    higher_is_better = True
-
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        super().__init__(num_classes, ignore_index)
         for name in ("tp", "fp", "fn"):
             self.add_state(name, default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 

@@ -11,11 +11,11 @@ import torch
 from torchmetrics import Metric
 
 
-class SegmentationIoU(Metric):
-    """Dataset-level IoU per class from an accumulated confusion matrix.
+class ClassMapMetric(Metric):
+    """Base of the metrics over predicted and target class maps ``(B, H, W)``.
 
     Args:
-        num_classes: classes, background (0) included.
+        num_classes: classes, background (0) included (at least 2).
         ignore_index: target value to skip.
     """
 
@@ -24,8 +24,22 @@ class SegmentationIoU(Metric):
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and a defect class), got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+
+
+class SegmentationIoU(ClassMapMetric):
+    """Dataset-level IoU per class from an accumulated confusion matrix.
+
+    Args:
+        num_classes: classes, background (0) included.
+        ignore_index: target value to skip.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        super().__init__(num_classes, ignore_index)
         self.add_state(
             "confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
         )

@@ -32,3 +32,15 @@ def real_data_root() -> Path:
     if not root.is_dir():
         pytest.skip(f"real datasets not found at {root} (set DEFECTSEG_DATA_ROOT)")
     return root
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module of tiny models: they gain nothing from more, and the CPU is
+    shared. Use with ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

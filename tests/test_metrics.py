@@ -62,3 +62,13 @@ def test_bad_shapes_and_classes_raise():
         metric.update(torch.zeros(1, 2, 2), torch.zeros(1, 2, 3))
     with pytest.raises(ValueError, match="out of range"):
         metric.update(torch.full((1, 2, 2), 5), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["SegmentationIoU", "ImageWiseIoU", "GlobalDefectIoU"])
+def test_class_map_metrics_need_a_defect_class(name):
+    import defectseg.evaluation
+    import defectseg.metrics
+
+    cls = getattr(defectseg.metrics, name, None) or getattr(defectseg.evaluation, name)
+    with pytest.raises(ValueError, match="num_classes must be >= 2 .* got 1"):
+        cls(num_classes=1)

@@ -278,6 +278,10 @@ class DefectDataset(Dataset):
     ) -> dict[str, Any]:
         """Augment, normalise and pad a decoded sample into a contract item."""
         if self.augment is not None:
+            if hasattr(self.augment, "set_random_seed"):
+                # albumentations 2 pipelines draw from their own generator, which seed_everything
+                # does not reach: seed it from torch's, which Lightning and the DataLoader seed
+                self.augment.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
             out = self.augment(image=image, mask=mask.astype(np.uint8))
             image, mask = out["image"], out["mask"].astype(np.int64)
             if image.ndim == 2:

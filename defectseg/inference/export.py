@@ -84,6 +84,25 @@ def _reference(model: InferenceModel, image: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(image))[0].numpy()
 
 
+def _prepare(model, path, size, batch_size: int, dynamic: bool, overwrite: bool):
+    """Shared first steps of the exports: the target path (checked), the model's metadata with
+    the static size and batch when not ``dynamic``, the wrapped eval model and the size."""
+    target = Path(path)
+    _check_target(target, overwrite)
+    module, source = _load(model)
+    height, width = _parse_size(size)
+    info = module_info(module, source)
+    if min(height, width) < info.min_size:
+        raise ValueError(f"export size {height}x{width} is below the model's minimum {info.min_size}x{info.min_size}")
+    info = replace(
+        info,
+        static_size=None if dynamic else (height, width),
+        static_batch=None if dynamic else int(batch_size),
+    )
+    wrapper = InferenceModel.from_module(module, with_mask=True).cpu().eval()
+    return target, info, wrapper, (height, width)
+
+
 def export_onnx(
     model: str | os.PathLike | L.LightningModule,
     path: str | os.PathLike,
@@ -118,19 +137,7 @@ def export_onnx(
         import onnx
     except ImportError as err:
         raise ImportError("ONNX export needs the onnx package: pip install onnx onnxruntime") from err
-    target = Path(path)
-    _check_target(target, overwrite)
-    module, source = _load(model)
-    height, width = _parse_size(size)
-    info = module_info(module, source)
-    if min(height, width) < info.min_size:
-        raise ValueError(f"export size {height}x{width} is below the model's minimum {info.min_size}x{info.min_size}")
-    info = replace(
-        info,
-        static_size=None if dynamic else (height, width),
-        static_batch=None if dynamic else int(batch_size),
-    )
-    wrapper = InferenceModel.from_module(module, with_mask=True).cpu().eval()
+    target, info, wrapper, (height, width) = _prepare(model, path, size, batch_size, dynamic, overwrite)
     if exporter == "auto":
         exporter = "dynamo" if importlib.util.find_spec("onnxscript") is not None else "legacy"
     # dynamo specialises dimensions of size 0/1: trace with a batch of at least 2
@@ -237,19 +244,7 @@ def export_torchscript(
         FileExistsError: ``path`` exists and ``overwrite`` is false.
         RuntimeError: the trace differs from PyTorch by more than ``tolerance``.
     """
-    target = Path(path)
-    _check_target(target, overwrite)
-    module, source = _load(model)
-    height, width = _parse_size(size)
-    info = module_info(module, source)
-    if min(height, width) < info.min_size:
-        raise ValueError(f"export size {height}x{width} is below the model's minimum {info.min_size}x{info.min_size}")
-    info = replace(
-        info,
-        static_size=None if dynamic else (height, width),
-        static_batch=None if dynamic else int(batch_size),
-    )
-    wrapper = InferenceModel.from_module(module, with_mask=True).cpu().eval()
+    target, info, wrapper, (height, width) = _prepare(model, path, size, batch_size, dynamic, overwrite)
     example = torch.from_numpy(_examples(info, (height, width), batch_size, False)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -101,18 +101,22 @@ class SegmentationModule(L.LightningModule):
         self.configure_metrics()
 
     # ------------------------------------------------------------------ configuration
+    def network_kwargs(self) -> dict[str, Any]:
+        """The network's arguments from the hyperparameters (architecture, encoder, classes, ...)."""
+        h = self.hparams
+        return {
+            "arch": h.arch,
+            "encoder": h.encoder,
+            "encoder_depth": h.encoder_depth,
+            "in_channels": h.in_channels,
+            "num_classes": self.num_classes,
+            "decoder_channels": h.decoder_channels,
+            **(h.arch_kwargs or {}),
+        }
+
     def configure_network(self) -> nn.Module:
         """Build the network (a plain ``nn.Module`` mapping images to logits). Override freely."""
-        h = self.hparams
-        return build_network(
-            arch=h.arch,
-            encoder=h.encoder,
-            encoder_depth=h.encoder_depth,
-            in_channels=h.in_channels,
-            num_classes=self.num_classes,
-            decoder_channels=h.decoder_channels,
-            **(h.arch_kwargs or {}),
-        )
+        return build_network(**self.network_kwargs())
 
     def configure_models(self) -> None:
         """Create ``self.net`` (the padded network) and load ``weights`` if given."""

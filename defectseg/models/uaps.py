@@ -232,19 +232,13 @@ class UAPSModule(SegmentationModule):
         """A :class:`UAPSNet` with the module's architecture, encoder and perturbations."""
         h = self.hparams
         return UAPSNet(
-            arch=h.arch,
-            encoder=h.encoder,
-            encoder_depth=h.encoder_depth,
-            in_channels=h.in_channels,
-            num_classes=self.num_classes,
-            decoder_channels=h.decoder_channels,
+            **self.network_kwargs(),  # architecture, encoder, classes and the architecture's own arguments
             num_aux_decoders=h.num_aux_decoders,
             perturbations=h.perturbations,
             noise_range=h.noise_range,
             dropout_p=h.dropout_p,
             drop_threshold=tuple(h.drop_threshold),
             perturb_levels=h.perturb_levels,
-            **(h.arch_kwargs or {}),
         )
 
     def configure_models(self) -> None:
