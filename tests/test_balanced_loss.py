@@ -335,3 +335,16 @@ def test_packed_confusion_falls_back_to_dense_when_digits_do_not_fit():
     torch.testing.assert_close(packed, dense, atol=1e-6, rtol=0)
     # a pixel whose 7 x 7 window holds 49 distinct-enough labels is far from uniform
     assert packed[1].max() < 1.0
+
+
+def test_second_backward_through_the_same_graph_raises_a_clear_error():
+    logits = torch.randn(2, 3, 5, 5, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 5))
+    loss = BalancedLoss()(logits, target)
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()
+    logits.grad = None
+    BalancedLoss()(logits, target).backward()  # a new forward is fine and gives the same gradient
+    torch.testing.assert_close(logits.grad, first)

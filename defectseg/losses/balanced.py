@@ -149,9 +149,16 @@ class _TruncatedCE(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):  # type: ignore[override]
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "the truncated cross-entropy's backward turns its saved log-probabilities into the "
+                "gradient in place, so it runs once per forward: backward(retain_graph=True) twice "
+                "is not supported; compute the loss again for a second backward"
+            )
+        ctx.consumed = True
         log_probs, target, factor = ctx.saved_tensors
         scale = grad_output if factor is None else factor * grad_output
-        grad = log_probs.exp()
+        grad = log_probs.exp_()  # in place: saves allocating (and faulting in) a logits-sized tensor
         minus_one = torch.full((1, 1, 1, 1), -1.0, device=grad.device, dtype=grad.dtype)
         grad.scatter_add_(1, target.unsqueeze(1), minus_one.expand_as(target.unsqueeze(1)))  # softmax - onehot
         grad.mul_(scale.unsqueeze(1))
