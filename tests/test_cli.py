@@ -204,3 +204,15 @@ def test_wandb_offline_run_stores_config_and_validation_images(tmp_path):
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b'"class_path":"defectseg.data.SyntheticDefectsDataModule"' in record
     assert b'"loss":"ce+dice"' in record and b'"num_images":20' in record
+
+
+@pytest.mark.parametrize("config", ["quickstart.yaml", "dli_synthetic.yaml", "uaps_synthetic.yaml"])
+def test_shipped_synthetic_configs_run(config, tmp_path):
+    """The configs the README tells users to run parse and train one step as shipped (data
+    shrunk, fast_dev_run), relative paths and all, so they cannot rot."""
+    result = run_cli(
+        "fit", "--config", str(REPO / "configs" / config), "--trainer.fast_dev_run", "1",
+        "--data.init_args.num_images", "40", "--data.init_args.num_workers", "0", cwd=tmp_path,
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))  # fast_dev_run: no ckpt
