@@ -537,3 +537,28 @@ def test_compare_command_errors(tmp_path):
         main(["compare", "--base", base, "--grid", str(grid), "--out", str(tmp_path / "o"), "--report-only"])
     with pytest.raises(SystemExit):
         main(["compare", "--base", base, "--grid", str(grid), "--out", "o", "--seeds", "2", "--seed-list", "1,2"])
+
+
+def test_interrupted_runs_get_sigint_after_the_grace_time(tmp_path):
+    """On Ctrl-C a run that has not exited by itself within the grace time gets SIGINT (so it can
+    write last.ckpt), and one that ignores SIGINT is killed."""
+    import signal
+    import subprocess
+    import sys
+
+    from defectseg.experiments.runner import _exited, _stop_gently
+
+    polite = "import signal, sys, time\nsignal.signal(signal.SIGINT, lambda *a: sys.exit(3))\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    for code, expected in ((polite, 3), (stubborn, -signal.SIGKILL)):
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"  # its handler is installed
+        waits = []
+
+        def wait_exited(timeout, process=process, waits=waits):
+            waits.append(timeout)
+            return _exited(process, min(timeout, 2.0))
+
+        _stop_gently([process], wait_exited, grace=0.1)
+        assert process.returncode == expected
+        assert waits[0] == 0.1

@@ -348,27 +348,40 @@ def default_launcher(command: list[str], log_path: Path, env: dict[str, str]) ->
                 return LaunchResult(process.returncode, usage.ru_utime + usage.ru_stime)
             return LaunchResult(process.wait())  # pragma: no cover - no wait4 (Windows)
         except KeyboardInterrupt:
-            _stop_gently([process])
+            _stop_gently([process], lambda timeout: _exited(process, timeout))
             raise
         finally:
             with _ACTIVE_LOCK:
                 _ACTIVE.discard(process)
 
 
-def _stop_gently(processes: Sequence[subprocess.Popen], grace: float = 5.0) -> None:
-    """Let interrupted runs finish writing ``last.ckpt``: wait ``grace`` seconds for them to exit
-    (they got the terminal's SIGINT too), then send SIGINT, then kill after two minutes."""
-    deadline = time.monotonic() + grace
+def _exited(process: subprocess.Popen, timeout: float) -> bool:
+    try:
+        process.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _stop_gently(
+    processes: Sequence[subprocess.Popen], wait_exited: Callable[[float], bool], grace: float = 5.0
+) -> None:
+    """Let interrupted runs finish writing ``last.ckpt``: give them ``grace`` seconds to exit
+    (they got the terminal's SIGINT too), then send SIGINT, then kill them after two minutes.
+    ``wait_exited(timeout)`` waits for all of them and says whether they have exited."""
+    if wait_exited(grace):
+        return
     for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
+        if process.returncode is None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGINT)
+    if wait_exited(120.0):
+        return
     for process in processes:
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process.returncode is None:
+            with contextlib.suppress(OSError):
+                process.kill()
+    wait_exited(10.0)  # reap them
 
 
 # ---------------------------------------------------------------------- runner
@@ -627,19 +640,11 @@ class CompareRunner:
             if first_error is not None:
                 raise first_error
         except KeyboardInterrupt:
-            # the runs got the terminal's SIGINT too: give them time to write last.ckpt
-            wait(list(running), timeout=5)
+            # the runs got the terminal's SIGINT too: give them time to write last.ckpt (their
+            # threads reap them, so wait on the futures rather than on the processes)
             with _ACTIVE_LOCK:
-                active = [p for p in _ACTIVE if p.returncode is None]
-            for process in active:
-                with contextlib.suppress(OSError):
-                    process.send_signal(signal.SIGINT)
-            _, late = wait(list(running), timeout=120)
-            if late:
-                with _ACTIVE_LOCK:
-                    for process in _ACTIVE:
-                        with contextlib.suppress(OSError):
-                            process.kill()
+                active = list(_ACTIVE)
+            _stop_gently(active, lambda timeout: not wait(list(running), timeout=timeout)[1])
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
