@@ -228,6 +228,27 @@ def test_packed_and_dense_confusion_agree(num_classes):
         torch.testing.assert_close(confusion_suppression_map(target[:3], num_classes, window), packed[:3])
 
 
+def test_pixel_weights_equal_the_product_of_the_two_maps_on_every_route():
+    # the loss multiplies the confusion weights into the class weights in place; compare with the
+    # two public maps computed apart: a defect-free image (the subset route), ignore pixels,
+    # r = 1, and 25 classes (too many digits to pack: the dense route)
+    torch.manual_seed(4)
+    for num_classes in (6, 25):
+        target = torch.zeros(4, 21, 19, dtype=torch.long)  # image 3 stays defect-free
+        target[0, 4:15, 5:14] = 1
+        target[1, 8:, :] = torch.randint(0, num_classes, (13, 19))
+        target[2, 2:20:3, :] = num_classes - 1
+        target[0, :2] = IGNORE
+        for window in (1, 3, 7):
+            loss = BalancedLoss(window=window)
+            expected = class_weight_map(target, num_classes) * confusion_suppression_map(
+                target, num_classes, window, method="dense"
+            )
+            torch.testing.assert_close(loss.pixel_weights(target, num_classes), expected, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(loss.pixel_weights(target[:3], num_classes), expected[:3], atol=1e-6, rtol=1e-6)
+            assert (expected[0, :2] == 0).all() and (expected[3] == 1).all()
+
+
 # ---------------------------------------------------------------------------- the loss
 def test_balanced_loss_with_every_component_off_is_cross_entropy_exactly():
     torch.manual_seed(2)

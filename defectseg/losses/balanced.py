@@ -106,7 +106,7 @@ def _labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> _Label
 class _TruncatedCE(torch.autograd.Function):
     """Per-pixel ``weight * TruncCE(1 - p)`` from logits, with its exact piecewise gradient.
 
-    With ``log p`` from ``log_softmax`` (finite for any finite logit) and ``k = 1/(1 - eps_sup)``::
+    With ``k = 1/(1 - eps_sup)``::
 
         TruncCE = relu(1 - k p) - clamp(log p, -t_sup, -t_inf) - t_inf
 
@@ -115,35 +115,54 @@ class _TruncatedCE(torch.autograd.Function):
     ``eps_inf``, exactly 1 in the middle piece (the cross-entropy gradient) and ``k p`` in the
     tail, i.e. ``s = min(k p, 1) = 1 - relu(1 - k p)`` above ``eps_inf``. No ``0 * inf`` can occur
     as ``p`` tends to 0 or 1. ``weight`` (``(B, H, W)`` or ``None``) multiplies both.
+
+    With a tail (``eps_sup < 1``) ``log p`` only matters inside ``[-t_sup, -t_inf]``, so the
+    forward pass needs the probabilities alone: one ``softmax`` (``log p`` is taken at the
+    annotated class only; a ``p`` that underflows to 0 gives ``-inf``, clamped to ``-t_sup``),
+    and the backward pass turns them into the gradient in place. Without a tail the loss grows
+    like ``-log p`` without bound, so ``log p`` comes from ``log_softmax`` (finite for any finite
+    logit) and is exponentiated in the backward pass.
     """
 
     @staticmethod
     def forward(ctx, logits, target, weight, eps_inf, eps_sup):  # type: ignore[override]
-        log_probs = torch.log_softmax(logits, dim=1)
-        log_p = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
         needs_grad = ctx.needs_input_grad[0]
+        index = target.unsqueeze(1)
         factor = None
-        if eps_inf == 0.0 and eps_sup == 1.0:
-            loss = log_p.neg()
+        t_inf = -math.log1p(-eps_inf)
+        if eps_sup < 1.0:
+            probs = torch.softmax(logits, dim=1)
+            p = probs.gather(1, index).squeeze(1)
+            t_sup = -math.log1p(-eps_sup)
+            loss = torch.rsub(p, 1.0, alpha=1.0 / (1.0 - eps_sup)).clamp_(min=0.0)  # relu(1 - k p)
+            if needs_grad:  # s = min(k p, 1) = 1 - relu(1 - k p), times the weight; 0 on the flat piece
+                if weight is None and eps_inf == 0.0:
+                    factor = torch.rsub(loss, 1.0)
+                else:
+                    w = torch.ones_like(p) if weight is None else weight
+                    if eps_inf > 0.0:
+                        w = w.masked_fill(p > 1.0 - eps_inf, 0.0)
+                    factor = torch.addcmul(w, loss, w, value=-1.0)
+            loss.sub_(p.log_().clamp_(min=-t_sup, max=-t_inf)).sub_(t_inf)  # p is not needed any more
+            if weight is not None:
+                loss.mul_(weight)
+            saved, saved_is_log = probs, False
         else:
-            t_inf = -math.log1p(-eps_inf)
-            if eps_sup < 1.0:
-                t_sup = -math.log1p(-eps_sup)
-                tail = torch.rsub(log_p.exp(), 1.0, alpha=1.0 / (1.0 - eps_sup)).clamp_(min=0.0)
-                if needs_grad:
-                    factor = torch.rsub(tail, 1.0)
-                loss = tail.sub_(log_p.clamp(min=-t_sup, max=-t_inf)).sub_(t_inf)
+            log_probs = torch.log_softmax(logits, dim=1)
+            log_p = log_probs.gather(1, index).squeeze(1)
+            if eps_inf == 0.0:
+                loss = log_p.neg()
             else:
                 if needs_grad:
-                    factor = torch.ones_like(log_p)
+                    factor = torch.ones_like(log_p).masked_fill_(log_p > -t_inf, 0.0)
                 loss = log_p.clamp(max=-t_inf).neg_().sub_(t_inf)
-            if needs_grad and eps_inf > 0.0:
-                factor.masked_fill_(log_p > -t_inf, 0.0)
-        if weight is not None:
-            loss.mul_(weight)
-            if needs_grad:
-                factor = weight if factor is None else factor.mul_(weight)
-        ctx.save_for_backward(log_probs, target, factor)
+            if weight is not None:
+                loss.mul_(weight)
+                if needs_grad:
+                    factor = weight if factor is None else factor.mul_(weight)
+            saved, saved_is_log = log_probs, True
+        ctx.saved_is_log = saved_is_log
+        ctx.save_for_backward(saved, target, factor)
         return loss
 
     @staticmethod
@@ -151,14 +170,15 @@ class _TruncatedCE(torch.autograd.Function):
     def backward(ctx, grad_output):  # type: ignore[override]
         if getattr(ctx, "consumed", False):
             raise RuntimeError(
-                "the truncated cross-entropy's backward turns its saved log-probabilities into the "
+                "the truncated cross-entropy's backward turns its saved probabilities into the "
                 "gradient in place, so it runs once per forward: backward(retain_graph=True) twice "
                 "is not supported; compute the loss again for a second backward"
             )
         ctx.consumed = True
-        log_probs, target, factor = ctx.saved_tensors
+        saved, target, factor = ctx.saved_tensors
         scale = grad_output if factor is None else factor * grad_output
-        grad = log_probs.exp_()  # in place: saves allocating (and faulting in) a logits-sized tensor
+        # in place: saves allocating (and faulting in) a logits-sized tensor
+        grad = saved.exp_() if ctx.saved_is_log else saved
         minus_one = torch.full((1, 1, 1, 1), -1.0, device=grad.device, dtype=grad.dtype)
         grad.scatter_add_(1, target.unsqueeze(1), minus_one.expand_as(target.unsqueeze(1)))  # softmax - onehot
         grad.mul_(scale.unsqueeze(1))
@@ -266,9 +286,9 @@ def _counts(labels: _Labels, num_classes: int) -> torch.Tensor:
     flat = label.reshape(batch, -1)
     dtype = _count_dtype(label.device)
     slots = num_classes + 1
-    if label.device.type == "cpu":  # bincount is the fastest there (but not deterministic on CUDA)
-        keys = flat + torch.arange(0, batch * slots, slots, device=label.device).unsqueeze(1)
-        return torch.bincount(keys.view(-1), minlength=batch * slots).view(batch, slots).to(dtype)
+    if label.device.type == "cpu":  # integer scatter: exact, and faster than bincount there
+        counts = torch.zeros(batch, slots, dtype=torch.int64)
+        return counts.scatter_add_(1, flat, torch.ones(1, 1, dtype=torch.int64).expand_as(flat)).to(dtype)
     counts = torch.zeros(batch, slots, dtype=dtype, device=label.device)
     return counts.scatter_add_(1, flat, torch.ones(1, 1, dtype=dtype, device=label.device).expand_as(flat))
 
@@ -417,17 +437,24 @@ def confusion_suppression_map(
     return _confusion_map(_labels(target, num_classes, ignore_index), num_classes, window, method)
 
 
-def _confusion_map(labels: _Labels, num_classes: int, window: int, method: str) -> torch.Tensor:
+def _confusion_map(
+    labels: _Labels, num_classes: int, window: int, method: str, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The confusion map, or ``into * map`` computed in place when ``into`` (a float32 ``(B, H, W)``
+    map that is already 0 at ignored pixels, such as the class-weight map) is given."""
     label, valid = labels.label, labels.valid
     if window == 1:
+        if into is not None:
+            return into
         return torch.ones(label.shape, device=label.device) if valid is None else valid.to(torch.float32)
     if method == "auto":
         method = "packed" if label.device.type == "cpu" else "dense"
     if method == "packed":
-        out = _confusion_packed(label, valid, num_classes, window)
+        out = _confusion_packed(label, valid, num_classes, window, into)
         if out is not None:
             return out
-    return _confusion_dense(label, valid, num_classes, window)
+    weight = _confusion_dense(label, valid, num_classes, window)
+    return weight if into is None else into.mul_(weight)
 
 
 def _entropy_weight(counts: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -449,96 +476,124 @@ def _confusion_dense(label, valid, num_classes, window) -> torch.Tensor:
     return weight if valid is None else weight * valid
 
 
+def _slide(x: torch.Tensor, window: int, dim: int, op) -> torch.Tensor:
+    """``op`` (``torch.bitwise_or`` or ``torch.add``) over every ``window`` consecutive entries
+    along ``dim`` (valid positions only: the result is ``window - 1`` shorter), by doubling:
+    ``O(log window)`` passes instead of ``window``."""
+    powers = {1: x}
+    length = 1
+    while 2 * length <= window:
+        prev = powers[length]
+        size = prev.shape[dim] - length
+        powers[2 * length] = op(prev.narrow(dim, 0, size), prev.narrow(dim, length, size))
+        length *= 2
+    keep = x.shape[dim] - window + 1
+    result, start, rest = None, 0, window
+    for length in sorted(powers, reverse=True):
+        if rest >= length:
+            piece = powers[length].narrow(dim, start, keep)
+            result = piece if result is None else op(result, piece)
+            start, rest = start + length, rest - length
+    return result
+
+
 def _window_any(mask: torch.Tensor, window: int) -> torch.Tensor:
     """``out[b, y, x]`` = any of ``mask`` over the ``window x window`` square centred there (clipped)."""
     half = window // 2
     out = F.pad(mask, (half, half, half, half))
-    for dim in (2, 1):  # a sliding OR of length `window` by doubling: O(log window) passes per axis
-        powers = {1: out}
-        length = 1
-        while 2 * length <= window:
-            prev = powers[length]
-            size = prev.shape[dim] - length
-            powers[2 * length] = prev.narrow(dim, 0, size) | prev.narrow(dim, length, size)
-            length *= 2
-        keep = out.shape[dim] - window + 1
-        result, start, rest = None, 0, window
-        for length in sorted(powers, reverse=True):
-            if rest >= length:
-                piece = powers[length].narrow(dim, start, keep)
-                result = piece if result is None else result | piece
-                start, rest = start + length, rest - length
-        out = result
-    return out
+    return _slide(_slide(out, window, 2, torch.bitwise_or), window, 1, torch.bitwise_or)
 
 
-def _confusion_packed(label, valid, num_classes, window) -> torch.Tensor | None:
-    digits = num_classes + (valid is not None)  # ignored pixels get the top digit
-    if window.bit_length() * digits > 63:
-        return None  # int64 could not hold a row's packed counts (one digit of r's bits per label)
-    # 1. candidates: windows holding a pixel that differs from its right or lower neighbour (every
-    #    window with two labels holds such a pixel; a few uniform ones do too, and decode to 1)
-    small = label.to(torch.uint8) if digits <= 256 else label
-    edge = torch.zeros(label.shape, dtype=torch.bool, device=label.device)
-    edge[:, :, :-1] = small[:, :, 1:] != small[:, :, :-1]
-    edge[:, :-1, :] |= small[:, 1:, :] != small[:, :-1, :]
-    out = torch.ones(label.shape, device=label.device) if valid is None else valid.to(torch.float32)
-    changing = edge.view(label.shape[0], -1).any(dim=1)  # images with a single label (defect-free) keep 1
-    if not bool(changing.all()):
-        keep = changing.nonzero().squeeze(1)
-        if keep.numel():
-            sub_valid = None if valid is None else valid[keep]
-            out[keep] = _confusion_counts(label[keep], small[keep], sub_valid, edge[keep], num_classes, window, digits)
-        return out
-    return _confusion_counts(label, small, valid, edge, num_classes, window, digits, out)
+_BLOCK = 8  # side of the tiles the packed method skips when no label changes near them
 
 
-def _confusion_counts(label, small, valid, edge, num_classes, window, digits, out=None) -> torch.Tensor:
-    """The packed method's second half, for images that hold a label change.
+def _confusion_packed(label, valid, num_classes, window, into=None) -> torch.Tensor | None:
+    """The packed method: label counts only in the tiles near a label change.
 
-    Each pixel's label ``k`` becomes ``2 ** (b k)`` with ``b`` bits per digit, enough for ``r``;
-    summing these along a window's row gives the row's label counts as ``b``-bit digits (int32
-    when they fit, else int64). The ``r`` row sums of each candidate window are then gathered,
-    added up (even and odd digits apart, so that no digit overflows) and decoded with shifts.
+    1. A pixel's window holds two labels only if it holds a pixel that differs from its right or
+       lower neighbour (an edge pixel). The image is cut into ``8 x 8`` tiles; a tile is active
+       when an edge pixel lies within ``r // 2`` of it (tiles with an edge, dilated). Elsewhere
+       every window is uniform and the weight is 1: nothing is computed there.
+    2. For each active tile, the labels of the tile and a frame of ``r // 2`` around it are
+       gathered (pixels outside the image count nothing) and each label ``k`` becomes
+       ``2 ** (b k)``, with ``b`` bits per digit, enough for ``r``: sliding sums along the rows
+       give each window row's label counts as ``b``-bit digits (int32 when they fit, else int64).
+    3. The row sums are split into their even and odd digits (each then has ``2 b`` bits, room for
+       a window count up to ``r^2``), summed over the ``r`` rows, decoded with shifts into counts,
+       and the entropy weight is multiplied into the map at the tile's pixels (uniform windows
+       decode to exactly 1).
+    Exact (equal to the dense method), with a cost that grows with the length of the label
+    boundaries rather than the image area. Needs ``b (C + 1) <= 63`` (``C <= 20`` with ``r = 7``);
+    returns ``None`` otherwise.
     """
-    batch, height, width = label.shape
-    half = window // 2
+    digits = num_classes + (valid is not None)  # ignored pixels get the top digit
     bits = window.bit_length()
+    if bits * digits > 63:
+        return None  # int64 could not hold a row's packed counts (one digit of r's bits per label)
+    batch, height, width = label.shape
+    half, size = window // 2, _BLOCK
     device = label.device
-    if out is None:
-        out = torch.ones(label.shape, device=device) if valid is None else valid.to(torch.float32)
-    mixed = _window_any(edge, window)
-    if valid is not None:
-        mixed &= valid
-    candidate = mixed.view(-1).nonzero().squeeze(1)  # flat (b, y, x) indices
-    if candidate.numel() == 0:
-        return out
+    if into is None:
+        into = torch.ones(label.shape, device=device) if valid is None else valid.to(torch.float32)
+    # 1. the labels as bytes in a frame of `half` (and up to whole tiles) that holds the sentinel
+    #    `digits` (outside the image: packs to 0, counts nothing); bit 7 marks the edge pixels
+    blocks_y, blocks_x = -(-height // size), -(-width // size)
+    framed = torch.full(
+        (batch, blocks_y * size + 2 * half, blocks_x * size + 2 * half), digits, dtype=torch.uint8, device=device
+    )
+    inner = framed[:, half : half + height, half : half + width]
+    inner.copy_(label)
+    edge = torch.zeros(batch, blocks_y * size, blocks_x * size, dtype=torch.bool, device=device)
+    edge[:, :height, : width - 1] = inner[:, :, 1:] != inner[:, :, :-1]
+    edge[:, : height - 1, :width] |= inner[:, 1:, :] != inner[:, :-1, :]
+    inner.bitwise_or_(edge[:, :height, :width].to(torch.uint8).bitwise_left_shift_(7))
+    # active tiles: an edge pixel within `half` of them (a tile row of 8 bytes read as one int64)
+    tile_rows = edge.view(torch.uint8).view(batch, blocks_y, size, blocks_x * size).view(torch.int64)
+    tile_edge = tile_rows.amax(dim=2) != 0  # (B, tiles down, tiles across)
+    reach = 2 * (-(-half // size)) + 1  # tiles within r // 2 pixels of a tile
+    active = _window_any(tile_edge, reach).nonzero()  # (n, 3): image, tile row, tile column
+    if active.numel() == 0:
+        return into
+    tile_b, tile_y, tile_x = active.unbind(1)
+    # 2. each active tile with its frame (one gather), then the windows there that hold an edge
+    #    pixel: the candidates (every mixed window is one of them)
+    side = size + 2 * half
+    framed_h, framed_w = framed.shape[1:]
+    corner = (tile_b * framed_h + tile_y * size) * framed_w + tile_x * size
+    offsets = (torch.arange(side, device=device) * framed_w).view(-1, 1) + torch.arange(side, device=device)
+    tiles = framed.view(-1).index_select(0, (corner.view(-1, 1, 1) + offsets).view(-1)).view(-1, side, side)
+    tiles_edge = tiles >> 7
+    mixed = _slide(_slide(tiles_edge, window, 2, torch.bitwise_or), window, 1, torch.bitwise_or)  # (n, size, size)
+    candidate = mixed.view(-1).nonzero().squeeze(1)  # flat (tile, y, x) indices
+    tile = candidate // (size * size)
+    ys = tile_y.index_select(0, tile) * size + candidate // size % size
+    xs = tile_x.index_select(0, tile) * size + candidate % size
+    if height % size or width % size:  # tiles at the right and lower borders overhang the image
+        inside = (ys < height) & (xs < width)
+        candidate, tile, ys, xs = candidate[inside], tile[inside], ys[inside], xs[inside]
+    # 3. pack the tiles' labels: label k -> 2^(b k), the sentinel -> 0; sliding row sums
     dtype = torch.int32 if bits * digits <= 31 else torch.int64
-    shift = small.mul(bits) if digits * bits <= 255 else label * bits
-    # (a one-element, not zero-dim, left operand: the result takes its dtype, not uint8)
-    packed = torch.bitwise_left_shift(torch.ones(1, 1, 1, dtype=dtype, device=device), shift)
-    # rows[b, y + half, x]: packed counts of the window row centred at (y, x), clipped to the image;
-    # the `half` zero rows above and below stand for the rows outside the image
-    rows = torch.zeros(batch, height + 2 * half, width, dtype=dtype, device=device)
-    centre = rows[:, half : half + height]
-    centre += packed
-    for step in range(1, min(half, width - 1) + 1):
-        centre[:, :, step:] += packed[:, :, :-step]
-        centre[:, :, :-step] += packed[:, :, step:]
-    # candidate (b, y, x) -> rows[b, y + dy, x] for dy in 0..r-1 (rows is (B, H + 2 half, W))
-    first = candidate + (candidate // (height * width)) * (2 * half * width)
-    offsets = torch.arange(0, window * width, width, device=device)
-    row_sums = rows.view(-1)[first.unsqueeze(1) + offsets]  # (N, r)
-    # add the r rows up: a window count reaches r^2 < 2^(2b), so every other digit is masked out
-    # to give each kept digit 2b bits; the even digits, then the odd ones, are summed (int64)
+    lut = torch.tensor([1 << (bits * k) for k in range(digits)] + [0], dtype=dtype, device=device)
+    packed = lut.index_select(0, tiles.bitwise_and_(127).view(-1).long()).view(tiles.shape)
+    rows = _slide(packed, window, 2, torch.add)  # (n, side, size): window-row counts
+    # 4. a window count reaches r^2 < 2^(2b): keep every other digit (2b bits each), sum the r rows
+    #    and decode at the candidates
     field = 2 * bits
     even = sum((1 << bits) - 1 << field * j for j in range((digits + 1) // 2))
-    sums = [(row_sums & even).sum(1), (row_sums >> bits & even).sum(1)]
+    if field * ((digits + 1) // 2) > 31:
+        rows = rows.long()
+    halves = [_slide(rows & even, window, 1, torch.add), _slide(rows >> bits & even, window, 1, torch.add)]
     shifts = torch.arange(0, field * ((num_classes + 1) // 2), field, device=device)
-    decoded = [torch.bitwise_right_shift(s.unsqueeze(1), shifts).bitwise_and_((1 << field) - 1) for s in sums]
+    decoded = [
+        torch.bitwise_right_shift(h.reshape(-1).index_select(0, candidate).unsqueeze(1), shifts).bitwise_and_((1 << field) - 1)
+        for h in halves
+    ]
     counts = torch.stack(decoded, dim=2).view(-1, 2 * shifts.numel())[:, :num_classes]
-    out.view(-1)[candidate] = _entropy_weight(counts.to(torch.float32), num_classes)
-    return out
+    weight = _entropy_weight(counts.to(torch.float32), num_classes)
+    flat = into.view(-1)
+    index = (tile_b.index_select(0, tile) * height + ys) * width + xs
+    flat.index_copy_(0, index, flat.index_select(0, index).mul_(weight))
+    return into
 
 
 # ---------------------------------------------------------------------------- the loss
@@ -621,9 +676,8 @@ class BalancedLoss(nn.Module):
         weight = None
         if self.class_weighting:
             weight = _class_weight_map(labels, num_classes, self.beta, self.class_weight_unit, self.max_class_weight)
-        if self.confusion_suppression:
-            confusion = _confusion_map(labels, num_classes, self.window, "auto")
-            weight = confusion if weight is None else weight.mul_(confusion)
+        if self.confusion_suppression:  # multiplied into the class weights in place
+            weight = _confusion_map(labels, num_classes, self.window, "auto", into=weight)
         return weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
