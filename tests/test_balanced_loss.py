@@ -228,6 +228,27 @@ def test_packed_and_dense_confusion_agree(num_classes):
         torch.testing.assert_close(confusion_suppression_map(target[:3], num_classes, window), packed[:3])
 
 
+def test_packed_confusion_in_chunks_of_tiles_and_on_tiny_images(monkeypatch):
+    # labels that change everywhere activate every tile; in chunks of 2 tiles the result is the same
+    from defectseg.losses import balanced
+
+    torch.manual_seed(5)
+    target = torch.randint(0, 3, (2, 19, 21))
+    target[1, :4, :5] = IGNORE
+    dense = confusion_suppression_map(target, 3, 5, method="dense")
+    monkeypatch.setattr(balanced, "_TILES_PER_CHUNK", 2)
+    torch.testing.assert_close(confusion_suppression_map(target, 3, 5, method="packed"), dense, atol=1e-6, rtol=0)
+    # images narrower or lower than the window (and than a tile): the window is clipped alike
+    for shape in [(1, 1, 6), (1, 5, 1), (2, 2, 3)]:
+        tiny = torch.randint(0, 3, shape)
+        torch.testing.assert_close(
+            confusion_suppression_map(tiny, 3, 7, method="packed"),
+            confusion_suppression_map(tiny, 3, 7, method="dense"),
+            atol=1e-6,
+            rtol=0,
+        )
+
+
 def test_pixel_weights_equal_the_product_of_the_two_maps_on_every_route():
     # the loss multiplies the confusion weights into the class weights in place; compare with the
     # two public maps computed apart: a defect-free image (the subset route), ignore pixels,
