@@ -583,9 +583,9 @@ def _confusion_tiles(framed, tiles, num_classes, window, digits, height, width):
     patch = framed.view(-1).index_select(0, gather).view(-1, side, side)
     mixed = _slide(_slide(patch >> 7, window, 2, torch.bitwise_or), window, 1, torch.bitwise_or)  # (n, size, size)
     candidate = mixed.view(-1).nonzero().squeeze(1)  # flat (tile, y, x) indices
-    tile = candidate // (size * size)
-    ys = tile_y.index_select(0, tile) * size + candidate // size % size
-    xs = tile_x.index_select(0, tile) * size + candidate % size
+    tile = candidate >> 6  # size 8: shifts and masks instead of integer division
+    ys = tile_y.index_select(0, tile) * size + (candidate >> 3 & 7)
+    xs = tile_x.index_select(0, tile) * size + (candidate & 7)
     if height % size or width % size:  # tiles at the right and lower borders overhang the image
         inside = (ys < height) & (xs < width)
         candidate, tile, ys, xs = candidate[inside], tile[inside], ys[inside], xs[inside]
@@ -602,16 +602,15 @@ def _confusion_tiles(framed, tiles, num_classes, window, digits, height, width):
         rows = rows.long()
     halves = [_slide(rows & even, window, 1, torch.add), _slide(rows >> bits & even, window, 1, torch.add)]
     # class-major counts (C, N): the even digits 0, 2, ... then the odd ones 1, 3, ... below C (the
-    # entropy does not depend on the order of the classes)
-    mask = (1 << field) - 1
-    decoded = [
-        torch.bitwise_right_shift(
-            h.reshape(-1).index_select(0, candidate).unsqueeze(0),
-            torch.arange(0, field * count, field, device=device).unsqueeze(1),
-        ).bitwise_and_(mask)
-        for h, count in zip(halves, ((num_classes + 1) // 2, num_classes // 2))
-    ]
-    weight = _entropy_weight(torch.cat(decoded).to(torch.float32), num_classes, dim=0)
+    # entropy does not depend on the order of the classes), decoded in place
+    counts = torch.empty(num_classes, candidate.numel(), dtype=rows.dtype, device=device)
+    start = 0
+    for h, count in zip(halves, ((num_classes + 1) // 2, num_classes // 2)):
+        shifts = torch.arange(0, field * count, field, dtype=rows.dtype, device=device).unsqueeze(1)
+        digits_here = h.reshape(-1).index_select(0, candidate).unsqueeze(0)
+        torch.bitwise_right_shift(digits_here, shifts, out=counts[start : start + count])
+        start += count
+    weight = _entropy_weight(counts.bitwise_and_((1 << field) - 1).to(torch.float32), num_classes, dim=0)
     return (tile_b.index_select(0, tile) * height + ys) * width + xs, weight
 
 
