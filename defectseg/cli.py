@@ -172,5 +172,6 @@ def main(args: Sequence[str] | None = None) -> int | None:
         _print_help()
         if not argv:
             return 2
-    DefectSegCLI(args=argv)
+    # from the console LightningCLI reads sys.argv itself (given both, it warns on every run)
+    DefectSegCLI(args=None if args is None else argv)
     return 0

@@ -70,7 +70,8 @@ def test_version(capsys):
 
 def test_fit_test_predict_end_to_end(tmp_path):
     config = tiny_config(tmp_path)
-    run_cli("fit", "--config", str(config), cwd=tmp_path)
+    fitted = run_cli("fit", "--config", str(config), cwd=tmp_path)
+    assert "args parameter" not in fitted.stderr, "the console run must not pass sys.argv twice to LightningCLI"
     ckpt_dir = tmp_path / "ckpt"
     assert (ckpt_dir / "last.ckpt").is_file()
     assert any(p.name.startswith("best-") for p in ckpt_dir.iterdir())
