@@ -7,7 +7,8 @@ The package is organised by concern:
 * :mod:`defectseg.losses` -- the loss registry (``ce``, ``dice``, ``focal``, ``balanced``...).
 * :mod:`defectseg.models` -- plain ``nn.Module`` networks and the LightningModules that train
   them (:class:`SegmentationModule`).
-* :mod:`defectseg.cli` -- the ``defectseg`` LightningCLI.
+* :mod:`defectseg.config` -- the one config parser of every command (:class:`DefectSegCLI`,
+  a LightningCLI); :mod:`defectseg.cli` and :mod:`defectseg.commands` are the command line only.
 * :mod:`defectseg.inference` -- :class:`Predictor` for raw images, reports, ONNX/TorchScript
   export (``defectseg.Predictor`` is imported lazily, so ``import defectseg`` stays light).
 """

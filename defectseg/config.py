@@ -187,7 +187,7 @@ class DefectSegArgumentParser(LightningArgumentParser):
     """The LightningCLI parser with a one-paragraph error for an unknown key (exit code 2)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        friendly = unknown_key_message(self, message)
+        friendly = unknown_key_message(getattr(ex, "subcommand_parser", None) or self, message)
         if friendly is None or not self.exit_on_error:
             super().error(message, ex)
         sys.stderr.write(friendly + "\n")

@@ -417,7 +417,7 @@ def data_config(name: str) -> str:
     ],
 )
 def test_every_data_config_loads_its_dataset(tmp_path, name, maker, cls):
-    from defectseg.commands.common import load_datamodule
+    from defectseg.config import load_datamodule
 
     fakes = maker(tmp_path)
     dm = load_datamodule([data_config(name)], [f"data.init_args.root={tmp_path}"])
@@ -425,7 +425,7 @@ def test_every_data_config_loads_its_dataset(tmp_path, name, maker, cls):
 
 
 def test_data_config_root_defaults_to_the_data_root_variable(tmp_path, monkeypatch):
-    from defectseg.commands.common import load_datamodule
+    from defectseg.config import load_datamodule
 
     make_magnetic_tile(tmp_path / "magnetic_tile", counts={"Crack": 2})
     monkeypatch.setenv("DEFECTSEG_DATA_ROOT", str(tmp_path))

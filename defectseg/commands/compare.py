@@ -73,9 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "overrides", nargs="*",
-        help="overrides for every run, applied after the grid, e.g. trainer.max_epochs=2",
+        help="overrides for every run, applied after the grid: --trainer.max_epochs 2 (as for defectseg fit) "
+        "or trainer.max_epochs=2",
     )
     return parser
+
+
+def split_dotted_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``--section.key value`` / ``--section.key=value`` overrides (as ``defectseg fit``
+    takes them) from compare's own arguments; the overrides come back as ``section.key=value``."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    items = iter(argv)
+    for item in items:
+        name = item[2:].split("=", 1)[0] if item.startswith("--") else ""
+        if "." not in name:
+            rest.append(item)
+        elif "=" in item:
+            overrides.append(item[2:])
+        else:
+            value = next(items, None)
+            if value is None:
+                raise SystemExit(f"defectseg compare: {item} needs a value, e.g. {item} 2")
+            overrides.append(f"{name}={value}")
+    return rest, overrides
 
 
 @register_command("compare", "run a grid of configurations x seeds (fit + test each) into tables and plots")
@@ -87,11 +108,14 @@ def compare_command(argv: list[str]) -> int:
         GridError,
         RunFailedError,
     )
+    from defectseg.config import check_config
     from defectseg.experiments.results import write_reports
     from defectseg.experiments.runner import PLAN_FILE, _read_json
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, dotted = split_dotted_options(list(argv))
+    args = parser.parse_args(own)
+    args.overrides = [*args.overrides, *dotted]
     if args.seeds is not None and args.seed_list is not None:
         parser.error("give --seeds or --seed-list, not both")
     if args.jobs < 1:
@@ -112,6 +136,8 @@ def compare_command(argv: list[str]) -> int:
         )
         runner = CompareRunner(settings)
         plan = runner.plan()
+        if not args.report_only:
+            check_config(settings.base, prog="defectseg compare")  # unknown keys: one paragraph, exit 2
         if args.report_only:
             if not (runner.out / PLAN_FILE).is_file():
                 raise GridError(f"{runner.out} holds no {PLAN_FILE}: nothing to report")

@@ -31,7 +31,6 @@ that is exactly ``${seed}`` becomes the integer), e.g. ``labeled_seed: ${seed}``
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 from collections.abc import Iterable, Mapping
@@ -41,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from defectseg.commands.common import _merge
+from defectseg.config import merge_config
 
 #: Keys a grid file may hold.
 GRID_KEYS = (
@@ -56,11 +55,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=]*$")
 
 class GridError(ValueError):
     """A grid file or grid option that cannot be used; the message names the file and the fix."""
-
-
-def merge_config(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``update`` over ``base`` as LightningCLI merges two config files (new dict)."""
-    return _merge(copy.deepcopy(dict(base)), copy.deepcopy(dict(update)))
 
 
 def substitute_seed(value: Any, seed: int) -> Any:

@@ -182,7 +182,7 @@ def experiment_config(
 ) -> dict[str, Any]:
     """Base, then the grid's ``common`` and mode fragments, then the configuration's fragment,
     then overrides (``${seed}`` in ``common`` and the mode fragment is the run's seed too)."""
-    from defectseg.commands.common import _set_dotted
+    from defectseg.config import set_dotted
 
     config = merge_config(base, substitute_seed(grid.common, spec.seed))
     config = merge_config(config, substitute_seed(grid.modes.get(mode, {}), spec.seed))
@@ -191,14 +191,14 @@ def experiment_config(
         if "=" not in item:
             raise GridError(f"override {item!r} must look like trainer.max_epochs=2")
         key, value = item.split("=", 1)
-        _set_dotted(config, key.lstrip("-"), yaml.safe_load(value))
+        set_dotted(config, key.lstrip("-"), yaml.safe_load(value))
     return config
 
 
 def validate_config(path: Path) -> str | None:
     """Check a run's config with the ``defectseg fit`` parser (``--print_config``, nothing is
     instantiated); the parser's error message, or ``None`` when it is valid."""
-    from defectseg.cli import DefectSegCLI
+    from defectseg.config import DefectSegCLI
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -412,11 +412,17 @@ class CompareRunner:
 
     # ------------------------------------------------------------------ planning
     def base_config(self) -> dict[str, Any]:
-        from defectseg.commands.common import load_config
+        from defectseg.config import merge_config, read_yaml_config
 
         if not self.settings.base:
             raise GridError("give a base config with --base CONFIG.yaml (data, model and trainer settings)")
-        return load_config(self.settings.base)
+        config: dict[str, Any] = {}
+        for path in self.settings.base:
+            try:
+                config = merge_config(config, read_yaml_config(path))
+            except (FileNotFoundError, ValueError) as err:
+                raise GridError(str(err)) from None
+        return config
 
     def plan(self) -> list[PlannedRun]:
         """Every run with its merged config and folder (nothing is written)."""

@@ -3,8 +3,8 @@
 ``python -m defectseg.experiments.worker RUN_DIR`` reads ``RUN_DIR/run.json`` (written by
 :class:`~defectseg.experiments.runner.CompareRunner`), runs the fit command stored there unless
 the fit is already done, then ``defectseg test`` on the chosen checkpoint, through the same
-entry point as the ``defectseg`` command (:func:`defectseg.cli.main`, with ``sys.argv`` set to
-that command line). Both stages share one interpreter, which saves a start-up of torch and
+parser as the ``defectseg`` command (:class:`defectseg.config.DefectSegCLI`, with ``sys.argv``
+set to that command line). Both stages share one interpreter, which saves a start-up of torch and
 Lightning per run; each stage's exact command is recorded in ``run.json``, so either can be
 rerun by hand. The state file is updated after each stage (``fit_done``, times,
 ``failed_stage``).
@@ -25,13 +25,14 @@ from defectseg.experiments.runner import (
 
 
 def _defectseg(argv: list[str]) -> None:
-    """Run ``defectseg <argv>`` in this process; raise when it fails."""
-    from defectseg.cli import main
+    """Run ``defectseg <argv>`` (a Lightning subcommand) in this process; raise when it fails."""
+    from defectseg.config import DefectSegCLI
 
     saved = sys.argv
     sys.argv = ["defectseg", *argv]
     try:
-        code = main(argv)
+        DefectSegCLI(args=None)  # reads sys.argv, as from the console
+        code = 0
     except SystemExit as exit_:
         code = exit_.code
     finally:
@@ -96,9 +97,10 @@ _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _SUBCOMMANDS:
-        from defectseg.cli import main as defectseg_main
+        from defectseg.config import DefectSegCLI
 
-        return defectseg_main(argv) or 0
+        DefectSegCLI(args=argv)
+        return 0
     if len(argv) != 1:
         print("usage: python -m defectseg.experiments.worker RUN_DIR", file=sys.stderr)
         return 2
