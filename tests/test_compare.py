@@ -19,10 +19,11 @@ import pytest
 import torch
 import yaml
 
-from defectseg.evaluation import (
+from defectseg.metrics import (
     DefectFreeFalsePositiveRate,
     GlobalDefectIoU,
     ImageWiseIoU,
+    global_defect_counts,
     global_defect_iou,
     per_image_confusion,
 )
@@ -98,7 +99,7 @@ def test_global_defect_iou_sums_tp_fp_fn_over_images_and_classes():
     # image 2: a class-2 pixel predicted as class 1: FP for 1, FN for 2; one TP of class 2
     metric.update(maps("12"), maps("22"))
     # TP = 2 + 1 = 3; FP = 1 (class 2, image 1) + 1 (class 1, image 2) = 2; FN = 1 + 1 = 2
-    assert (int(metric.tp), int(metric.fp), int(metric.fn)) == (3, 2, 2)
+    assert global_defect_counts(metric.confmat) == (3, 2, 2)
     assert metric.compute().item() == pytest.approx(3 / 7)
 
 
@@ -157,19 +158,26 @@ def test_segmentation_module_logs_the_paper_metrics():
 
     model = SegmentationModule(num_classes=3, class_names=["background", "a", "b"], encoder_depth=3,
                                decoder_channels=[8, 8, 8], fp_min_area=2)
-    assert model.test_fp_rate.min_area == 2
+    assert model.test_metrics["fp_rate_defect_free"].min_area == 2
     logged = {}
     model.log = lambda name, value, **kwargs: logged.__setitem__(name, float(value))
-    model.test_iou_imagewise.update(maps("1100"), maps("1000"))
-    model.test_global_defect_iou.update(maps("1100"), maps("1000"))
-    model.test_fp_rate.update(maps("0022"), maps("0000"))
-    model._log_paper_metrics("test")
+    model.test_metrics.update(maps("1100"), maps("1000"))
+    model.test_metrics.update(maps("0022"), maps("0000"))
+    model.log_metrics("test", model.test_metrics)
+    # confusion matrix of the two images (rows target, columns prediction):
+    # background 4 right, 1 taken for a, 2 for b; a 1 right
+    # image-wise: a in image 1 (1 of 2 pixels), b only predicted in image 2 (0 of 2)
     assert logged["test/iou_imagewise/a"] == pytest.approx(0.5)
-    assert logged["test/iou_imagewise"] == pytest.approx(0.5)  # class b never seen: left out
-    assert "test/iou_imagewise/b" not in logged
-    assert logged["test/global_defect_iou"] == pytest.approx(1 / 2)
+    assert logged["test/iou_imagewise/b"] == 0.0
+    assert logged["test/iou_imagewise"] == pytest.approx(0.25)
+    # dataset IoU: background 4 / 7, a 1 / 2, b 0 / 2
+    assert logged["test/iou/background"] == pytest.approx(4 / 7)
+    assert logged["test/iou/a"] == pytest.approx(0.5) and logged["test/iou/b"] == 0.0
+    assert logged["test/miou"] == pytest.approx((4 / 7 + 0.5) / 3) and logged["test/miou_defect"] == pytest.approx(0.25)
+    # global defect IoU from the same matrix: TP 1 (a), FP 1 (a) + 2 (b), FN 0 -> 1 / 4
+    assert logged["test/global_defect_iou"] == pytest.approx(1 / 4)
     assert logged["test/fp_rate_defect_free"] == 1.0 and logged["test/defect_free_images"] == 1.0
-    assert int(model.test_fp_rate.images) == 0  # reset after logging
+    assert int(model.test_metrics["fp_rate_defect_free"].images) == 0  # reset after logging
 
 
 # ---------------------------------------------------------------------------- grids

@@ -1,4 +1,4 @@
-"""SegmentationIoU on hand-made predictions and targets."""
+"""The metrics of defectseg.metrics on hand-made predictions and targets."""
 
 import math
 
@@ -66,9 +66,37 @@ def test_bad_shapes_and_classes_raise():
 
 @pytest.mark.parametrize("name", ["SegmentationIoU", "ImageWiseIoU", "GlobalDefectIoU"])
 def test_class_map_metrics_need_a_defect_class(name):
-    import defectseg.evaluation
     import defectseg.metrics
 
-    cls = getattr(defectseg.metrics, name, None) or getattr(defectseg.evaluation, name)
+    cls = getattr(defectseg.metrics, name)
     with pytest.raises(ValueError, match="num_classes must be >= 2 .* got 1"):
         cls(num_classes=1)
+
+
+def test_global_defect_iou_shares_the_iou_confusion_matrix_in_the_test_collection():
+    from defectseg.metrics import global_defect_iou, metric_logs, segmentation_metrics
+
+    metrics = segmentation_metrics(3, test=True)
+    target = torch.tensor([[[0, 1, 1, 2], [0, 0, 2, 255]]])
+    preds = torch.tensor([[[0, 1, 2, 2], [1, 0, 2, 1]]])
+    metrics.update(preds, target, defect_free=None)
+    metrics.update(preds, target, defect_free=torch.tensor([False]))
+    # one compute group: the global defect IoU metric was not updated apart, it reads the IoU's matrix
+    assert metrics.compute_groups[0] == ["iou", "global_defect_iou"]
+    confmat = metrics["iou"].confmat
+    assert torch.equal(metrics["global_defect_iou"].confmat, confmat)
+    expected = torch.tensor([[2, 1, 0], [0, 1, 1], [0, 0, 2]]) * 2  # by hand, twice the batch
+    assert torch.equal(confmat, expected)
+    tp, fp, fn = 1 + 2, 1 + 1, 1 + 0  # per batch: a (1, 1, 1), b (2, 1, 0)
+    logs = metric_logs(metrics, ["background", "a", "b"])
+    assert logs["global_defect_iou"] == pytest.approx(tp / (tp + fp + fn)) == pytest.approx(global_defect_iou(confmat))
+    assert logs["iou/a"] == pytest.approx(1 / 3) and logs["iou/b"] == pytest.approx(2 / 3)
+    assert "fp_rate_defect_free" not in logs  # no defect-free image
+
+
+def test_validation_collection_logs_the_same_names_as_before():
+    from defectseg.metrics import metric_logs, segmentation_metrics
+
+    metrics = segmentation_metrics(2)
+    metrics.update(torch.tensor([[[0, 1]]]), torch.tensor([[[0, 1]]]), defect_free=None)
+    assert set(metric_logs(metrics, ["background", "defect"])) == {"iou/background", "iou/defect", "miou", "miou_defect"}

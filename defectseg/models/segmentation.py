@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import MetricCollection
 
 from defectseg.data.contract import IGNORE_INDEX, check_batch
-from defectseg.evaluation import DefectFreeFalsePositiveRate, GlobalDefectIoU, ImageWiseIoU
 from defectseg.losses import CombinedLoss, build_loss
-from defectseg.losses.statistics import class_statistics, modules_wanting_class_statistics
-from defectseg.metrics import SegmentationIoU, summarize_iou
+from defectseg.losses.statistics import class_statistics, modules_wanting_class_statistics, provide_class_statistics
+from defectseg.metrics import metric_logs, segmentation_metrics
 from defectseg.models.networks import PadToMultiple, build_network, load_weights
 
 
@@ -137,16 +137,13 @@ class SegmentationModule(L.LightningModule):
         )
 
     def configure_metrics(self) -> None:
-        """Create the validation and test IoU metrics, and the papers' test metrics
-        (:mod:`defectseg.evaluation`: image-wise IoU, global defect IoU, false-positive rate on
-        defect-free images)."""
-        self.val_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
-        self.test_iou = SegmentationIoU(self.num_classes, self.hparams.ignore_index)
-        # the papers' test metrics (defectseg.evaluation), logged by on_test_epoch_end
-        self.test_iou_imagewise = ImageWiseIoU(self.num_classes, self.hparams.ignore_index)
-        self.test_global_defect_iou = GlobalDefectIoU(self.num_classes, self.hparams.ignore_index)
-        self.test_fp_rate = DefectFreeFalsePositiveRate(
-            self.hparams.get("fp_min_area", 1), self.hparams.ignore_index
+        """Create ``self.val_metrics`` (IoU) and ``self.test_metrics`` (IoU, global defect IoU from
+        the same confusion matrix, image-wise IoU, false-positive rate on defect-free images):
+        :func:`defectseg.metrics.segmentation_metrics` collections."""
+        ignore = self.hparams.ignore_index
+        self.val_metrics = segmentation_metrics(self.num_classes, ignore)
+        self.test_metrics = segmentation_metrics(
+            self.num_classes, ignore, test=True, fp_min_area=self.hparams.get("fp_min_area", 1)
         )
 
     # ------------------------------------------------------------------ forward
@@ -194,8 +191,7 @@ class SegmentationModule(L.LightningModule):
                 "class_pixel_frequencies('train'); pass the trainer a DefectDataModule or give the weights explicitly"
             )
         stats = class_statistics(datamodule, "train")
-        for module in wanting:
-            module.set_class_statistics(stats["class_frequencies"], stats["class_pixel_counts"])
+        provide_class_statistics(self.loss_fn, stats["class_frequencies"], stats["class_pixel_counts"])
 
     # ------------------------------------------------------------------ steps
     def compute_loss(self, logits: torch.Tensor, mask: torch.Tensor, prefix: str) -> torch.Tensor:
@@ -234,59 +230,33 @@ class SegmentationModule(L.LightningModule):
             injected = torch.as_tensor(batch["dli_injected"]).sum().item()
             self.log("train/dli/injected", float(injected), batch_size=batch_size)
 
-    def _eval_step(self, batch: dict[str, Any], prefix: str, metric: SegmentationIoU) -> dict[str, Any]:
+    def _eval_step(self, batch: dict[str, Any], prefix: str, metrics: MetricCollection) -> dict[str, Any]:
         logits = self(batch["image"])
         self.compute_loss(logits, batch["mask"], prefix)
         preds = logits.argmax(dim=1)
-        metric.update(preds, batch["mask"])
+        metrics.update(preds, batch["mask"], defect_free=batch.get("defect_free"))
         return {"preds": preds}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "val", self.val_iou)
+        return self._eval_step(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        output = self._eval_step(batch, "test", self.test_iou)
-        if hasattr(self, "test_iou_imagewise"):
-            preds, mask = output["preds"], batch["mask"]
-            self.test_iou_imagewise.update(preds, mask)
-            self.test_global_defect_iou.update(preds, mask)
-            self.test_fp_rate.update(preds, mask, batch.get("defect_free"))
-        return output
+        return self._eval_step(batch, "test", self.test_metrics)
 
-    def _log_iou(self, prefix: str, metric: SegmentationIoU) -> None:
-        iou = metric.compute()  # synced across devices by torchmetrics
-        metric.reset()
-        for name, value in zip(self.class_names, iou.tolist()):
-            if value == value:  # not nan: the class appeared in targets or predictions
-                self.log(f"{prefix}/iou/{name}", value, sync_dist=False)
-        summary = summarize_iou(iou)
-        self.log(f"{prefix}/miou", summary["miou"], sync_dist=False)
-        self.log(f"{prefix}/miou_defect", summary["miou_defect"], prog_bar=True, sync_dist=False)
+    def log_metrics(self, prefix: str, metrics: MetricCollection) -> None:
+        """Log every value of ``metrics`` as ``{prefix}/<name>`` (synced across devices by
+        torchmetrics), then reset them: ``miou``, ``miou_defect``, ``iou/<class>`` and, for the
+        test, ``global_defect_iou``, ``iou_imagewise`` (and per class), ``fp_rate_defect_free``
+        with ``defect_free_images`` (left out when the set has no defect-free image)."""
+        for name, value in metric_logs(metrics, self.class_names).items():
+            self.log(f"{prefix}/{name}", value, prog_bar=name == "miou_defect", sync_dist=False)
+        metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_iou("val", self.val_iou)
+        self.log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        self._log_iou("test", self.test_iou)
-        if hasattr(self, "test_iou_imagewise"):
-            self._log_paper_metrics("test")
-
-    def _log_paper_metrics(self, prefix: str) -> None:
-        """Log ``{prefix}/iou_imagewise`` (mean over defect classes) and per class,
-        ``{prefix}/global_defect_iou`` and ``{prefix}/fp_rate_defect_free`` (with
-        ``{prefix}/defect_free_images``, left out when the set has no defect-free image)."""
-        imagewise = self.test_iou_imagewise.compute()
-        for name, value in zip(self.class_names, imagewise.tolist()):
-            if value == value:
-                self.log(f"{prefix}/iou_imagewise/{name}", value, sync_dist=False)
-        self.log(f"{prefix}/iou_imagewise", summarize_iou(imagewise)["miou_defect"], sync_dist=False)
-        self.log(f"{prefix}/global_defect_iou", float(self.test_global_defect_iou.compute()), sync_dist=False)
-        _, free_images = self.test_fp_rate.counts()  # summed across devices, like compute()
-        if free_images:
-            self.log(f"{prefix}/fp_rate_defect_free", float(self.test_fp_rate.compute()), sync_dist=False)
-            self.log(f"{prefix}/defect_free_images", float(free_images), sync_dist=False)
-        for metric in (self.test_iou_imagewise, self.test_global_defect_iou, self.test_fp_rate):
-            metric.reset()
+        self.log_metrics("test", self.test_metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = self(batch["image"]).float().softmax(dim=1)
