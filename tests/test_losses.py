@@ -379,3 +379,23 @@ def test_auto_weights_without_statistics_raise_a_clear_error(tmp_path):
     model = SegmentationModule(num_classes=dm.num_classes, loss="wce", **TINY)
     with pytest.raises(ValueError, match=r"WeightedCrossEntropyLoss.*class_pixel_frequencies"):
         fit_one_step(tmp_path, model, dm.train_dataloader())
+
+
+def test_soft_counts_by_hand_and_dice_tversky_agree_on_them():
+    from defectseg.losses.basic import soft_counts
+
+    # one image, 3 pixels: targets 0, 1 and ignored; probabilities of classes 0 and 1
+    probs = torch.tensor([[[[0.8, 0.3, 0.5]], [[0.2, 0.7, 0.5]]]])
+    target = torch.tensor([[[0, 1, 255]]])
+    tp, fp, fn = soft_counts(probs, target, 255)
+    assert torch.allclose(tp, torch.tensor([0.8, 0.7]))  # the ignored pixel counts nowhere
+    assert torch.allclose(fp, torch.tensor([0.3, 0.2]))
+    assert torch.allclose(fn, torch.tensor([0.2, 0.3]))
+    pooled = soft_counts(probs, target, 255, channels=slice(1, None), dims=(0, 1, 2, 3))
+    assert [round(float(v), 6) for v in pooled] == [0.7, 0.2, 0.3]
+    # Tversky with alpha = beta = 0.5 is Dice with smooth doubled (the docstring's claim)
+    logits = torch.randn(2, 3, 5, 6)
+    labels = torch.randint(0, 3, (2, 5, 6))
+    tversky = TverskyLoss(alpha=0.5, beta=0.5, smooth=1.0)(logits, labels)
+    dice = DiceLoss(smooth=2.0)(logits, labels)
+    assert torch.allclose(tversky, dice, atol=1e-6)

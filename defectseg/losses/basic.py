@@ -54,6 +54,26 @@ def one_hot_valid(target: torch.Tensor, num_classes: int, ignore_index: int) -> 
     return one_hot * valid_f, valid_f
 
 
+def soft_counts(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    channels: slice = slice(None),
+    dims: tuple[int, ...] = (0, 2, 3),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft ``(TP, FP, FN)`` of probabilities ``(B, C, H, W)`` against ``target`` ``(B, H, W)``.
+
+    ``TP = sum p y``, ``FP = sum p (1 - y)``, ``FN = sum (1 - p) y`` over the pixels not ignored,
+    for the ``channels`` kept, summed over ``dims`` (default: per class over the batch; include
+    1 to pool the classes). Shared by the Dice and Tversky losses (softmax or sigmoid ``p``).
+    """
+    one_hot, valid = one_hot_valid(target, probs.shape[1], ignore_index)
+    probs = (probs * valid)[:, channels]
+    one_hot = one_hot[:, channels]
+    tp = (probs * one_hot).sum(dims)
+    return tp, probs.sum(dims) - tp, one_hot.sum(dims) - tp
+
+
 @register_loss("ce")
 class CrossEntropyLoss(nn.Module):
     """Pixel-wise cross-entropy, averaged over the pixels that are not ignored.
@@ -119,13 +139,8 @@ class DiceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_inputs(logits, target)
-        probs = logits.float().softmax(dim=1)
-        one_hot, valid = one_hot_valid(target, logits.shape[1], self.ignore_index)
-        probs = probs * valid
-        dims = (0, 2, 3)
-        intersection = (probs * one_hot).sum(dims)
-        cardinality = probs.sum(dims) + one_hot.sum(dims)
-        dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
+        tp, fp, fn = soft_counts(logits.float().softmax(dim=1), target, self.ignore_index)
+        dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
         if not self.include_background:
             dice = dice[1:]
         return 1.0 - dice.mean()

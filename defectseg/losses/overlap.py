@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectseg.losses.basic import check_inputs, one_hot_valid, split_target
+from defectseg.losses.basic import check_inputs, one_hot_valid, soft_counts, split_target
 from defectseg.losses.registry import CombinedLoss, register_loss
 
 
@@ -152,13 +152,7 @@ class TverskyLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_inputs(logits, target)
         split_target(target, logits.shape[1], self.ignore_index)
-        probs = logits.float().softmax(dim=1)
-        one_hot, valid = one_hot_valid(target, logits.shape[1], self.ignore_index)
-        probs = probs * valid
-        dims = (0, 2, 3)
-        tp = (probs * one_hot).sum(dims)
-        fp = probs.sum(dims) - tp
-        fn = one_hot.sum(dims) - tp
+        tp, fp, fn = soft_counts(logits.float().softmax(dim=1), target, self.ignore_index)
         index = (tp + self.smooth) / (tp + self.alpha * fp + self.beta * fn + self.smooth)
         if not self.include_background:
             index = index[1:]
@@ -247,14 +241,10 @@ class SigmoidDiceLoss(nn.Module):
         check_inputs(logits, target)
         num_classes = logits.shape[1]
         split_target(target, num_classes, self.ignore_index)
-        one_hot, valid = one_hot_valid(target, num_classes, self.ignore_index)
         channels = _channels(num_classes, self.include_background)
-        probs = (torch.sigmoid(logits.float()) * valid)[:, channels]
-        one_hot = one_hot[:, channels]
         dims = (0, 1, 2, 3) if self.pooled else (0, 2, 3)
-        intersection = (probs * one_hot).sum(dims)
-        cardinality = probs.sum(dims) + one_hot.sum(dims)
-        dice = (2.0 * intersection + self.smooth) / (cardinality + self.smooth)
+        tp, fp, fn = soft_counts(torch.sigmoid(logits.float()), target, self.ignore_index, channels, dims)
+        dice = (2.0 * tp + self.smooth) / (2.0 * tp + fp + fn + self.smooth)
         return 1.0 - dice.mean()
 
 
