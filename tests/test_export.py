@@ -128,3 +128,26 @@ def test_export_command_errors(ckpt, tmp_path):
     with pytest.raises(SystemExit, match="below the model's minimum"):
         main(["export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt"), "--size", "16"])
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_one_verification_rejects_drifting_or_reshaped_outputs(ckpt, tmp_path):
+    from defectseg.inference.export import ExportResult, verify_export
+    from defectseg.inference.runtime import InferenceModel, module_info
+
+    module = load_module(ckpt)
+    wrapper = InferenceModel.from_module(module, with_mask=True).eval()
+
+    def reference(image: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return wrapper(torch.from_numpy(image))[0].numpy()
+
+    def result() -> ExportResult:
+        return ExportResult(tmp_path / "m.onnx", "onnx", module_info(module, None), 0.0, [], None)
+
+    same = result()
+    verify_export(same, reference, wrapper, (64, 64), 1, True, 1e-6, "hint")
+    assert same.max_abs_diff == 0.0 and same.checked_sizes == [(1, 64, 64), (2, 101, 85)]
+    with pytest.raises(RuntimeError, match=r"ONNX Runtime and PyTorch probabilities differ by 1\.00e-02.*try this"):
+        verify_export(result(), lambda image: reference(image) + 0.01, wrapper, (64, 64), 1, False, 1e-4, "try this")
+    with pytest.raises(RuntimeError, match=r"gives \(1, 3, 64, 32\) for input \(1, 64, 64, 3\)"):
+        verify_export(result(), lambda image: reference(image)[..., :32], wrapper, (64, 64), 1, False, 1e-4, "hint")

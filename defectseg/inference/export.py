@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -193,6 +194,52 @@ def export_onnx(
     return result
 
 
+def verify_export(
+    result: ExportResult,
+    run: Callable[[np.ndarray], np.ndarray],
+    wrapper: InferenceModel,
+    size: tuple[int, int],
+    batch: int,
+    dynamic: bool,
+    tolerance: float,
+    hint: str,
+) -> None:
+    """Compare an exported model with PyTorch on random uint8 inputs (the export size and, when
+    ``dynamic``, another size and batch); fill ``result.checked_sizes`` and ``max_abs_diff``.
+
+    Args:
+        result: the export's result (its ``format`` and ``path`` name the file in messages).
+        run: the exported model: uint8 ``(B, H, W, C)`` images to probabilities ``(B, K, H, W)``.
+        wrapper: the PyTorch model it was exported from.
+        size: the export ``(height, width)``.
+        batch: the export batch.
+        dynamic: also check another size and batch.
+        tolerance: largest accepted probability difference.
+        hint: what to try when the outputs differ (the end of the error message).
+
+    Raises:
+        RuntimeError: an output shape or a probability differs (by more than ``tolerance``).
+    """
+    name = {"onnx": "ONNX Runtime", "torchscript": "TorchScript"}.get(result.format, result.format)
+    worst = 0.0
+    for image in _examples(result.info, size, batch, dynamic, seed=1):
+        got = run(image)
+        want = _reference(wrapper, image)
+        if got.shape != want.shape:
+            raise RuntimeError(
+                f"{result.path}: {name} gives {got.shape} for input {image.shape} instead of PyTorch's "
+                f"{want.shape}; {hint}"
+            )
+        worst = max(worst, float(np.abs(got - want).max()))
+        result.checked_sizes.append(tuple(image.shape[:3]))
+    result.max_abs_diff = worst
+    if worst > tolerance:
+        raise RuntimeError(
+            f"{result.path}: {name} and PyTorch probabilities differ by {worst:.2e} (> {tolerance:.0e}) "
+            f"on inputs {result.checked_sizes}; {hint}"
+        )
+
+
 def _verify_onnx(result: ExportResult, wrapper: InferenceModel, size: tuple[int, int], batch: int,
                  dynamic: bool, tolerance: float) -> None:
     try:
@@ -202,20 +249,10 @@ def _verify_onnx(result: ExportResult, wrapper: InferenceModel, size: tuple[int,
         result.max_abs_diff = float("nan")
         return
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for image in _examples(result.info, size, batch, dynamic, seed=1):
-        got = session.run(["probabilities"], {"image": image})[0]
-        want = _reference(wrapper, image)
-        if got.shape != want.shape:
-            raise RuntimeError(f"{result.path}: ONNX output {got.shape} differs from PyTorch {want.shape} for input {image.shape}")
-        worst = max(worst, float(np.abs(got - want).max()))
-        result.checked_sizes.append(tuple(image.shape[:3]))
-    result.max_abs_diff = worst
-    if worst > tolerance:
-        raise RuntimeError(
-            f"{result.path}: ONNX Runtime and PyTorch probabilities differ by {worst:.2e} (> {tolerance:.0e}) "
-            f"on inputs {result.checked_sizes}; try exporter='legacy'/'dynamo' or a static size"
-        )
+    verify_export(
+        result, lambda image: session.run(["probabilities"], {"image": image})[0], wrapper, size, batch, dynamic,
+        tolerance, "try exporter='legacy'/'dynamo' or a static size",
+    )
 
 
 def export_torchscript(
@@ -255,24 +292,15 @@ def export_torchscript(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         loaded = torch.jit.load(str(target), map_location="cpu")
-    worst = 0.0
-    for image in _examples(info, (height, width), batch_size, dynamic, seed=1):
+
+    def run(image: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            got = loaded(torch.from_numpy(image))[0].numpy()
-        want = _reference(wrapper, image)
-        if got.shape != want.shape:
-            raise RuntimeError(
-                f"{target}: the TorchScript trace gives {got.shape} for input {image.shape} instead of "
-                f"{want.shape}; this network's trace is size-specific, export with dynamic=False (--static)"
-            )
-        worst = max(worst, float(np.abs(got - want).max()))
-        result.checked_sizes.append(tuple(image.shape[:3]))
-    result.max_abs_diff = worst
-    if worst > tolerance:
-        raise RuntimeError(
-            f"{target}: TorchScript and PyTorch probabilities differ by {worst:.2e} (> {tolerance:.0e}) on "
-            f"inputs {result.checked_sizes}; the trace may be size-specific, export with dynamic=False (--static)"
-        )
+            return loaded(torch.from_numpy(image))[0].numpy()
+
+    verify_export(
+        result, run, wrapper, (height, width), batch_size, dynamic, tolerance,
+        "the trace may be size-specific, export with dynamic=False (--static)",
+    )
     return result
 
 
