@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from defectseg.utils.files import existing_files, write_png
 from defectseg.utils.visualize import denormalize, overlay
 
 
@@ -20,25 +20,6 @@ def _stem(path: str) -> str:
         scheme, rest = path.split("://", 1)
         return f"{scheme}_{rest.replace('/', '_')}"
     return Path(path).stem
-
-
-def write_png(path: str | os.PathLike, array: np.ndarray, rgb: bool = False) -> None:
-    """Write ``array`` (class indices, gray or ``rgb`` colour ``uint8``) as a PNG file.
-
-    Creates the parent folder; raises :class:`OSError` naming the file when OpenCV cannot write it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array
-    ok, encoded = cv2.imencode(".png", data)
-    if not ok:
-        raise OSError(f"cannot encode {path} as PNG (array {array.shape} {array.dtype})")
-    encoded.tofile(str(path))
-
-
-def existing_files(files: Iterable[str | os.PathLike]) -> list[Path]:
-    """The files among ``files`` that already exist (outputs that must not be overwritten)."""
-    return [Path(f) for f in files if Path(f).exists()]
 
 
 def restore_size(mask: np.ndarray, valid_size: tuple[int, int], orig_size: tuple[int, int]) -> np.ndarray:

@@ -28,9 +28,9 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from defectseg.callbacks.writer import existing_files, write_png
 from defectseg.inference.predictor import Prediction, Predictor
 from defectseg.inference.report import ReportWriter
+from defectseg.utils.files import existing_files, write_png
 from defectseg.utils.visualize import overlay, palette
 
 #: File extensions picked from folders and glob patterns (case-insensitive).
