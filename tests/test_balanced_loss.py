@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.trainer import quiet_trainer
 
 from defectseg.data import SyntheticDefectsDataModule
 from defectseg.losses import (
@@ -355,11 +355,7 @@ def test_balanced_loss_trains_the_synthetic_quickstart_without_nan(tmp_path):
         decoder_channels=[16, 8, 8],
     )
     assert model.hparams.loss_kwargs == {"balanced": {"beta": 0.9}}
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=3, limit_val_batches=1, num_sanity_val_steps=0,
-        val_check_interval=3, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=3)
     trainer.fit(model, dm)
     metrics = trainer.callback_metrics
     for key in ("train/loss", "train/loss_balanced", "train/loss_dice", "val/loss"):

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from helpers.trainer import trainer_config
 
 import defectseg
 from defectseg.cli import DefectSegCLI, main
@@ -25,16 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(tmp_path: Path, **trainer) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "limit_train_batches": 2,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}},
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            **trainer,
-        },
+        "trainer": trainer_config(tmp_path, limit_train_batches=2, enable_progress_bar=True, **trainer),
         "checkpoint": {"dirpath": str(tmp_path / "ckpt")},
         "model": {
             "class_path": "defectseg.models.SegmentationModule",

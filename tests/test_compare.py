@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.trainer import trainer_config
 
+from defectseg.experiments import CompareRunner, CompareSettings, Grid, GridError, RunConflictError
+from defectseg.experiments.results import aggregate, summary_markdown, write_runs_csv
+from defectseg.experiments.runner import best_checkpoint, harness_config, read_metrics_csv
 from defectseg.metrics import (
     DefectFreeFalsePositiveRate,
     GlobalDefectIoU,
@@ -27,9 +31,6 @@ from defectseg.metrics import (
     global_defect_iou,
     per_image_confusion,
 )
-from defectseg.experiments import CompareRunner, CompareSettings, Grid, GridError, RunConflictError
-from defectseg.experiments.results import aggregate, summary_markdown, write_runs_csv
-from defectseg.experiments.runner import best_checkpoint, harness_config, read_metrics_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -436,9 +437,7 @@ def test_summary_aggregation_helpers(tmp_path):
 def tiny_base(tmp_path: Path) -> Path:
     base = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2,
-                    "limit_val_batches": 1, "log_every_n_steps": 1, "enable_model_summary": False,
-                    "num_sanity_val_steps": 0},
+        "trainer": trainer_config(tmp_path, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0),
         "model": {"class_path": "defectseg.models.SegmentationModule",
                   "init_args": {"encoder_depth": 3, "decoder_channels": [8, 8, 8], "loss": "ce"}},
         "data": {"class_path": "defectseg.data.SyntheticDefectsDataModule",

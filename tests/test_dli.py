@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers.trainer import trainer_config
 
 from defectseg.data import IGNORE_INDEX, Sample, SyntheticDefectsDataModule
 from defectseg.data.base import DefectDataset
@@ -503,20 +504,11 @@ class RecordTrainingPaths(L.Callback):
 def tiny_config(tmp_path: Path) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 2,
-            "strategy": "ddp",
-            "use_distributed_sampler": False,
-            "max_epochs": 2,
-            "limit_val_batches": 1,
-            "num_sanity_val_steps": 0,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "logs")}},
-            "callbacks": [{"class_path": "test_dli.RecordTrainingPaths", "init_args": {"out_dir": str(tmp_path)}}],
-            "enable_model_summary": False,
-            "enable_progress_bar": False,
-            "log_every_n_steps": 1,
-        },
+        "trainer": trainer_config(
+            tmp_path, devices=2, strategy="ddp", use_distributed_sampler=False, max_epochs=2, limit_val_batches=1,
+            num_sanity_val_steps=0,
+            callbacks=[{"class_path": "test_dli.RecordTrainingPaths", "init_args": {"out_dir": str(tmp_path)}}],
+        ),
         "checkpoint": {"dirpath": str(tmp_path / "ckpt")},
         "model": {
             "class_path": "defectseg.models.SegmentationModule",

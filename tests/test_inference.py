@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 import cv2
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers.trainer import quiet_trainer
 from torch import nn
 
 from defectseg.cli import main
@@ -52,9 +52,7 @@ def ckpt(tmp_path_factory) -> Path:
     data = SyntheticDefectsDataModule(num_images=12, image_size=64, num_defect_classes=2, batch_size=4,
                                       cache_dir=str(folder / "cache"))
     module = tiny_module()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=str(folder))
+    trainer = quiet_trainer(folder, max_steps=1, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     path = folder / "model.ckpt"
     trainer.save_checkpoint(path)

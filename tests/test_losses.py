@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers.trainer import quiet_trainer
 from jsonargparse import ArgumentParser
 
 from defectseg.data import SyntheticDefectsDataModule
@@ -346,10 +346,7 @@ def test_losses_from_yaml_class_path_and_loss_kwargs():
 
 
 def fit_one_step(tmp_path, model, data):
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(model, data)
 
 

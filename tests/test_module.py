@@ -1,8 +1,8 @@
 """SegmentationModule: configuration errors, training on synthetic data, checkpoint reload."""
 
-import lightning as L
 import pytest
 import torch
+from helpers.trainer import quiet_trainer
 from torch import nn
 
 from defectseg.data import SyntheticDefectsDataModule
@@ -21,10 +21,7 @@ def tiny_data(**kwargs):
 
 def trainer(tmp_path, **kwargs):
     kwargs.setdefault("max_steps", 2)
-    return L.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )
+    return quiet_trainer(tmp_path, **kwargs)
 
 
 def test_unknown_loss_and_architecture_name_the_choices():

@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from defectseg.utils.files import existing_files, write_png
+from defectseg.utils.files import write_png
 from defectseg.utils.visualize import denormalize, overlay
 
 

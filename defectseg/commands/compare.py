@@ -101,6 +101,7 @@ def split_dotted_options(argv: list[str]) -> tuple[list[str], list[str]]:
 
 @register_command("compare", "run a grid of configurations x seeds (fit + test each) into tables and plots")
 def compare_command(argv: list[str]) -> int:
+    from defectseg.config import check_config
     from defectseg.experiments import (
         CompareRunner,
         CompareSettings,
@@ -108,7 +109,6 @@ def compare_command(argv: list[str]) -> int:
         GridError,
         RunFailedError,
     )
-    from defectseg.config import check_config
     from defectseg.experiments.results import write_reports
     from defectseg.experiments.runner import PLAN_FILE, _read_json
 

@@ -13,7 +13,11 @@ from torchmetrics import MetricCollection
 
 from defectseg.data.contract import IGNORE_INDEX, check_batch
 from defectseg.losses import CombinedLoss, build_loss
-from defectseg.losses.statistics import class_statistics, modules_wanting_class_statistics, provide_class_statistics
+from defectseg.losses.statistics import (
+    class_statistics,
+    modules_wanting_class_statistics,
+    provide_class_statistics,
+)
 from defectseg.metrics import metric_logs, segmentation_metrics
 from defectseg.models.networks import PadToMultiple, build_network, load_weights
 
