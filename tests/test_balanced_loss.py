@@ -176,79 +176,7 @@ def test_class_weights_ignore_pixels_and_counts():
     assert raw.tolist() == [[0.0, 1.0, 1.0]]  # absent classes 0, ties 1
 
 
-# ---------------------------------------------------------------------------- confusion
-def test_confusion_weight_on_a_two_class_boundary_and_in_a_uniform_window():
-    target = torch.zeros(1, 6, 6, dtype=torch.long)
-    target[0, :, 3:] = 1  # vertical boundary between columns 2 and 3
-    for method in ("dense", "packed"):
-        m = confusion_suppression_map(target, 2, window=3, method=method)
-        h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
-        assert m[0, 2, 2].item() == pytest.approx(1 - h / math.log(2), abs=1e-6)  # 6 of one, 3 of the other
-        assert m[0, 2, 2].item() < 1
-        assert m[0, 2, 0].item() == 1.0 and m[0, 4, 5].item() == 1.0  # uniform windows: exactly 1
-        # border: the window is clipped to the image; corner (0, 2) sees 4 of class 0, 2 of class 1
-        h_corner = -(4 / 6 * math.log(4 / 6) + 2 / 6 * math.log(2 / 6))
-        assert m[0, 0, 2].item() == pytest.approx(1 - h_corner / math.log(2), abs=1e-6)
-
-
-def test_confusion_with_more_classes_and_ignore_pixels():
-    target = torch.zeros(1, 5, 5, dtype=torch.long)
-    target[0, :, 2] = 1
-    target[0, :, 3:] = 2
-    target[0, 0, 0] = IGNORE
-    m = confusion_suppression_map(target, 4, window=3)  # C = 4: H is divided by ln 4
-    third = -3 * (1 / 3) * math.log(1 / 3)
-    assert m[0, 2, 2].item() == pytest.approx(1 - third / math.log(4), abs=1e-6)  # 3/3/3 junction
-    # (1, 1): 8 labelled pixels in its window (one ignored): 5 of class 0 and 3 of class 1
-    h = -(5 / 8 * math.log(5 / 8) + 3 / 8 * math.log(3 / 8))
-    assert m[0, 1, 1].item() == pytest.approx(1 - h / math.log(4), abs=1e-6)
-    assert m[0, 1, 0].item() == 1.0  # class 0 and an ignored pixel only: uniform
-    assert m[0, 0, 0].item() == 0.0  # an ignored pixel weighs 0
-    only_ignore = torch.full((1, 4, 4), IGNORE)
-    only_ignore[0, 1, 1] = 3
-    assert confusion_suppression_map(only_ignore, 4, window=3)[0, 1, 1].item() == 1.0
-    assert torch.equal(confusion_suppression_map(target, 4, window=1), (target != IGNORE).float())
-
-
-@pytest.mark.parametrize("num_classes", [2, 3, 6, 12])
-def test_packed_and_dense_confusion_agree(num_classes):
-    torch.manual_seed(num_classes)
-    target = torch.zeros(4, 33, 29, dtype=torch.long)  # image 3 stays uniform (defect-free)
-    target[0, 4:20, 5:14] = 1
-    target[1, 10:, :] = torch.randint(0, num_classes, (23, 29))  # noisy labels: every window mixed
-    target[2, 2:30:3, :] = num_classes - 1
-    target[0, :2] = IGNORE
-    target[2, 5:9, 5:9] = IGNORE
-    for window in (3, 5, 7, 9):
-        dense = confusion_suppression_map(target, num_classes, window, method="dense")
-        packed = confusion_suppression_map(target, num_classes, window, method="packed")
-        torch.testing.assert_close(packed, dense, atol=1e-6, rtol=0)
-        assert dense.min() >= 0 and dense.max() <= 1 and (packed[3] == 1).all()
-        # batches without any defect-free image take the direct route; the values agree
-        torch.testing.assert_close(confusion_suppression_map(target[:3], num_classes, window), packed[:3])
-
-
-def test_packed_confusion_in_chunks_of_tiles_and_on_tiny_images(monkeypatch):
-    # labels that change everywhere activate every tile; in chunks of 2 tiles the result is the same
-    from defectseg.losses import balanced
-
-    torch.manual_seed(5)
-    target = torch.randint(0, 3, (2, 19, 21))
-    target[1, :4, :5] = IGNORE
-    dense = confusion_suppression_map(target, 3, 5, method="dense")
-    monkeypatch.setattr(balanced, "_TILES_PER_CHUNK", 2)
-    torch.testing.assert_close(confusion_suppression_map(target, 3, 5, method="packed"), dense, atol=1e-6, rtol=0)
-    # images narrower or lower than the window (and than a tile): the window is clipped alike
-    for shape in [(1, 1, 6), (1, 5, 1), (2, 2, 3)]:
-        tiny = torch.randint(0, 3, shape)
-        torch.testing.assert_close(
-            confusion_suppression_map(tiny, 3, 7, method="packed"),
-            confusion_suppression_map(tiny, 3, 7, method="dense"),
-            atol=1e-6,
-            rtol=0,
-        )
-
-
+# ---------------------------------------------------------------------------- confusion x class weights
 def test_pixel_weights_equal_the_product_of_the_two_maps_on_every_route():
     # the loss multiplies the confusion weights into the class weights in place; compare with the
     # two public maps computed apart: a defect-free image (the subset route), ignore pixels,
@@ -361,18 +289,6 @@ def test_balanced_loss_trains_the_synthetic_quickstart_without_nan(tmp_path):
     for key in ("train/loss", "train/loss_balanced", "train/loss_dice", "val/loss"):
         assert torch.isfinite(metrics[key]), key
     assert all(torch.isfinite(p).all() for p in model.parameters())
-
-
-def test_packed_confusion_falls_back_to_dense_when_digits_do_not_fit():
-    # r = 7 packs 3 bits per label: 25 classes need 3 * 26 = 78 bits > 63 -> dense counts
-    torch.manual_seed(0)
-    target = torch.randint(0, 25, (2, 12, 13))
-    target[0, :3] = IGNORE
-    packed = confusion_suppression_map(target, 25, 7, method="packed")
-    dense = confusion_suppression_map(target, 25, 7, method="dense")
-    torch.testing.assert_close(packed, dense, atol=1e-6, rtol=0)
-    # a pixel whose 7 x 7 window holds 49 distinct-enough labels is far from uniform
-    assert packed[1].max() < 1.0
 
 
 def test_second_backward_through_the_same_graph_raises_a_clear_error():

@@ -26,12 +26,12 @@ from defectseg.losses.balanced import (
     TruncatedCrossEntropyLoss,
     class_pixel_counts,
     class_weight_map,
-    confusion_suppression_map,
     effective_number_weights,
     truncated_ce_from_error,
     truncated_cross_entropy,
 )
 from defectseg.losses.basic import CrossEntropyLoss, DiceLoss, FocalLoss
+from defectseg.losses.confusion import confusion_suppression_map
 from defectseg.losses.overlap import (
     BCEDiceLoss,
     BinaryCrossEntropyLoss,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,36 @@ def split_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> t
                 f"0..{num_classes - 1}, or {ignore_index} to ignore a pixel)"
             )
     return safe, valid
+
+
+class Labels(NamedTuple):
+    """A validated target: ``safe`` (ignored pixels -> 0), ``label`` (ignored -> C), ``valid``
+    (``None`` when no pixel is ignored) and the number of pixels not ignored."""
+
+    safe: torch.Tensor
+    label: torch.Tensor
+    valid: torch.Tensor | None
+    num_valid: torch.Tensor | int
+
+
+def validated_labels(target: torch.Tensor, num_classes: int, ignore_index: int) -> Labels:
+    """``target`` checked against ``num_classes`` (a clear error naming a bad label), as :class:`Labels`."""
+    target = target.long()
+    if target.numel() == 0:
+        return Labels(target, target, None, 0)
+    low, high = (int(v) for v in torch.aminmax(target))
+    if low >= 0 and high < num_classes and not low <= ignore_index <= high:
+        return Labels(target, target, None, target.numel())  # nothing ignored: no masks needed
+    ignored = target == ignore_index
+    safe = target.masked_fill(ignored, 0)
+    low, high = (int(v) for v in torch.aminmax(safe))
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"target holds label {high if high >= num_classes else low} but the logits have "
+            f"{num_classes} classes (labels must be 0..{num_classes - 1}, or {ignore_index} to ignore a pixel)"
+        )
+    valid = ~ignored
+    return Labels(safe, target.masked_fill(ignored, num_classes), valid, valid.sum())
 
 
 def one_hot_valid(target: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
