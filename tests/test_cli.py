@@ -60,6 +60,7 @@ def test_version(capsys):
     assert result.stdout.strip() == f"defectseg {defectseg.__version__}"
 
 
+@pytest.mark.slow
 def test_fit_test_predict_end_to_end(tmp_path):
     config = tiny_config(tmp_path)
     fitted = run_cli("fit", "--config", str(config), cwd=tmp_path)
@@ -159,6 +160,7 @@ def test_missing_ckpt_path_is_a_clear_error(tmp_path, monkeypatch):
         DefectSegCLI(args=["fit", "--config", str(tiny_config(tmp_path)), "--ckpt_path", "nope.ckpt"])
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_logs_synced_metrics(tmp_path):
     """fit with devices=2, strategy=ddp (gloo): the logged val IoU equals a single-process
     validation of the same weights over the whole validation set."""
