@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(tmp_path: Path, **trainer) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": trainer_config(tmp_path, limit_train_batches=2, enable_progress_bar=True, **trainer),
+        "trainer": trainer_config(tmp_path, **{"limit_train_batches": 2, "enable_progress_bar": True, **trainer}),
         "checkpoint": {"dirpath": str(tmp_path / "ckpt")},
         "model": {
             "class_path": "defectseg.models.SegmentationModule",
