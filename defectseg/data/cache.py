@@ -1,8 +1,8 @@
 """Decode cache: every image and mask of a dataset decoded once, in one memory-mapped file.
 
 Decoding JPEGs (and PNG masks) costs more than a training step's data work once crops are small.
-:class:`DecodeCache` decodes every sample once (after channels and ``scale``, before crops and
-augmentation), writes the ``uint8`` arrays into one file under the cache folder and serves them
+:class:`DecodeCache` decodes every sample once (after ``scale``, before the channel conversion,
+crops and augmentation: a grayscale dataset is stored with one channel), writes the ``uint8`` arrays into one file under the cache folder and serves them
 from a read-only ``numpy.memmap``. DataLoader workers open the same file, so the operating
 system's page cache holds one copy shared by all workers (nothing is copied per worker), and a
 later run with the same dataset and settings starts without decoding anything.
@@ -134,7 +134,8 @@ class DecodeCache:
 
 
 def estimated_bytes(samples: Sequence[Sample], channels: int, scale: float | None) -> int:
-    """Bytes a decode cache of ``samples`` would take (from the scan's pixel counts)."""
+    """Bytes a decode cache of ``samples`` would take at most (from the scan's pixel counts;
+    grayscale files take fewer: the cache keeps images before the channel conversion)."""
     factor = (scale or 1.0) ** 2
     return int(sum(s.num_pixels for s in samples) * factor * (channels + 1))
 

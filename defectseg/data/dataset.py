@@ -257,10 +257,11 @@ class DefectDataset(Dataset):
         return len(self.samples)
 
     def decode(self, sample: Sample) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """Decode ``sample`` and apply channels and the size policy (``scale`` or ``resize``).
+        """Decode ``sample`` and apply the size policy (``scale`` or ``resize``); no channel
+        conversion yet (a grayscale image stays one channel: what the decode cache stores).
 
         Returns ``(image uint8 (H, W, C), mask uint8 (H, W), original (H, W))``; the mask is
-        checked against the image's size and the classes. This is what the decode cache stores.
+        checked against the image's size and the classes.
         """
         image, mask = self.loader(sample)
         if mask.shape != image.shape[:2]:
@@ -275,8 +276,9 @@ class DefectDataset(Dataset):
                 f"and {IGNORE_INDEX}; check the dataset's class mapping"
             )
         mask = mask.astype(np.uint8)
+        if image.ndim == 2:
+            image = image[..., None]
         original = (int(image.shape[0]), int(image.shape[1]))
-        image = to_channels(image, self.settings.channels)
         settings = self.settings
         if settings.size_policy == "resize" and settings.image_size is not None:
             image, mask = rescale(image, mask, settings.image_size)
@@ -285,17 +287,15 @@ class DefectDataset(Dataset):
         return image, mask, original
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, Sample, tuple[int, int]]:
-        """:meth:`decode` of sample ``index``, from the decode cache when it holds the sample.
+        """:meth:`decode` sample ``index`` (or take it from the decode cache), then convert its
+        channels.
 
-        Returns ``(image uint8 (H, W, C), mask int64 (H, W), sample, original (H, W))``.
+        Returns ``(image uint8 (H, W, channels), mask int64 (H, W), sample, original (H, W))``.
         """
         sample = self.samples[index]
         hit = self.cache.get(sample) if self.cache is not None else None
-        if hit is not None:
-            image, mask, original = hit
-        else:
-            image, mask, original = self.decode(sample)
-        return image, mask.astype(np.int64), sample, original
+        image, mask, original = hit if hit is not None else self.decode(sample)
+        return to_channels(image, self.settings.channels), mask.astype(np.int64), sample, original
 
     def load(self, index: int, crop: bool = True) -> tuple[np.ndarray, np.ndarray, Sample, tuple[int, int]]:
         """:meth:`read` sample ``index``, then cut the training crop (when ``crop_size`` is set
