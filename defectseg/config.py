@@ -36,6 +36,7 @@ from lightning.pytorch.loggers import WandbLogger
 from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
+from defectseg.utils.hardware import resolve_precision
 
 # ---------------------------------------------------------------------------- plain dicts
 
@@ -246,6 +247,14 @@ class DefectSegCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LogValidationSamples, "image_logger")
 
+    def before_instantiate_classes(self) -> None:
+        """Fall back from bf16 where the hardware lacks it (one warning, see
+        :func:`defectseg.utils.hardware.resolve_precision`)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is not None and trainer.get("precision") is not None:
+            trainer["precision"] = resolve_precision(trainer["precision"], trainer.get("accelerator", "auto"))
+
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
@@ -330,6 +339,9 @@ class _ConfigOnlyCLI(DefectSegCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse ``args`` (the command's own list, never ``sys.argv``: no LightningCLI warning)."""
         self.config = parser.parse_args(list(args))
+
+    def before_instantiate_classes(self) -> None:
+        """No trainer is built: its precision is left as written."""
 
     def _set_seed(self) -> None:
         """Reading a config seeds nothing (the datamodule's own ``seed`` decides its splits)."""
