@@ -34,7 +34,6 @@ from defectseg.inference.report import ReportWriter
 from defectseg.utils.files import existing_files, write_png
 from defectseg.utils.visualize import overlay, palette
 
-
 _GLOB_CHARS = set("*?[")
 
 
