@@ -3,20 +3,19 @@
 ``defectseg fit|validate|test|predict --config CONFIG.yaml`` run
 :class:`defectseg.config.DefectSegCLI` (a LightningCLI). Extra commands that are not
 Lightning subcommands (``stats``, ``infer``...) live in :mod:`defectseg.commands` and are
-registered in :data:`EXTRA_COMMANDS`. This module imports no Lightning at import time, so
-``defectseg --version`` and ``defectseg --help`` answer at once; library code never imports it.
+registered in :data:`~defectseg.commands.registry.EXTRA_COMMANDS`. This module imports no
+Lightning at import time, so ``defectseg --version`` and ``defectseg --help`` answer at once;
+library code never imports it.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import defectseg
-
-#: Extra commands: name -> (one-line help, function taking the remaining argv).
-EXTRA_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int | None]]] = {}
+from defectseg.commands.registry import EXTRA_COMMANDS, register_command  # noqa: F401 (the commands' API)
 
 #: The Lightning subcommands with their one-line help.
 LIGHTNING_COMMANDS: dict[str, str] = {
@@ -25,16 +24,6 @@ LIGHTNING_COMMANDS: dict[str, str] = {
     "test": "test metrics of a checkpoint (IoU, image-wise IoU, global defect IoU, FP rate)",
     "predict": "write masks and overlays for a config's data (or raw images with --input)",
 }
-
-
-def register_command(name: str, help: str) -> Callable:
-    """Register ``function(argv) -> exit code`` as ``defectseg <name>``."""
-
-    def wrap(function: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
-        EXTRA_COMMANDS[name] = (help, function)
-        return function
-
-    return wrap
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """Extra ``defectseg`` commands (not Lightning subcommands).
 
-Each module registers its command with :func:`defectseg.cli.register_command` on import; add
-new command modules to the import list below.
+Each module registers its command with :func:`defectseg.commands.registry.register_command` on
+import; add new command modules to the import list below.
 """
 
 from defectseg.commands import (

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from defectseg.cli import register_command
+from defectseg.commands.registry import register_command
 
 
 def _int_list(text: str) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defectseg.cli import register_command
+from defectseg.commands.registry import register_command
 
 DESCRIPTION = (
     "Plan one epoch of Dynamic Label Injection on a config's training split and write donor | "

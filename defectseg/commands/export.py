@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from defectseg.cli import register_command
 from defectseg.commands.infer import _size
+from defectseg.commands.registry import register_command
 
 EPILOG = """examples:
   defectseg export --ckpt model.ckpt --format onnx --out model.onnx

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from defectseg.cli import register_command
+from defectseg.commands.registry import register_command
 
 EPILOG = """examples:
   defectseg infer --ckpt model.ckpt --input 'images/*.png' --output out/

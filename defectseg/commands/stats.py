@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defectseg.cli import register_command
+from defectseg.commands.registry import register_command
 
 
 def _arguments(parser) -> None:
