@@ -158,3 +158,15 @@ def test_an_unknown_key_gives_one_paragraph_and_exit_code_2(tmp_path, capsys, co
     assert done.value.code == 2
     _assert_one_paragraph(capsys.readouterr().err, f"defectseg {command}")
     assert not (tmp_path / "out").exists() and not (tmp_path / "grid.png").exists()
+
+
+def test_compare_takes_dashed_overrides_like_fit():
+    from defectseg.commands.compare import split_dotted_options
+
+    rest, overrides = split_dotted_options(
+        ["--base", "b.yaml", "--trainer.max_epochs", "2", "--quick", "--data.init_args.root=/d", "model.x=1"]
+    )
+    assert rest == ["--base", "b.yaml", "--quick", "model.x=1"]  # key=value items stay positional overrides
+    assert overrides == ["trainer.max_epochs=2", "data.init_args.root=/d"]
+    with pytest.raises(SystemExit, match="--trainer.max_epochs needs a value"):
+        split_dotted_options(["--trainer.max_epochs"])
