@@ -7,7 +7,8 @@
 
 The model can be a checkpoint written by ``defectseg fit``, a LightningModule, or an ONNX /
 TorchScript file written by ``defectseg export`` (ONNX runs in ONNX Runtime). Images are read
-as RGB (or gray) ``uint8``; arrays given directly must be RGB (convert OpenCV's BGR first).
+as RGB (or gray) ``uint8``, 16-bit files scaled by ``bit_depth``; arrays given directly must be
+RGB (convert OpenCV's BGR first), ``uint8`` or ``uint16`` (scaled by ``bit_depth`` too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import cv2
 import lightning as L
 import numpy as np
 
-from defectseg.data.base import read_image, to_channels
+from defectseg.data.base import to_channels
+from defectseg.data.bit_depth import check_bit_depth, read_image, to_uint8
 from defectseg.data.contract import round_up
 from defectseg.inference.report import ImageReport, analyze, resolve_min_area
 from defectseg.inference.runtime import ModelInfo, load_backend, pad_images
@@ -110,6 +112,9 @@ class Predictor:
         return_probabilities: keep the ``(K, H, W)`` probabilities in each :class:`Prediction`.
         num_workers: threads decoding images ahead of the model (0: decode in the caller).
         num_threads: intra-op threads of ONNX Runtime (``.onnx`` models).
+        bit_depth: bits of data in 16-bit images: ``8``, ``10``, ``12``, ``16`` or ``"auto"``
+            (from each file's largest value, warning once per depth found); see
+            :mod:`defectseg.data.bit_depth`. Use the setting the model was trained with.
     """
 
     def __init__(
@@ -128,7 +133,10 @@ class Predictor:
         return_probabilities: bool = False,
         num_workers: int = 1,
         num_threads: int | None = None,
+        bit_depth: Literal["auto", 8, 10, 12, 16] | str = "auto",
     ) -> None:
+        self.bit_depth = check_bit_depth(bit_depth)
+        self._warned_depths: set[int] = set()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tta = tta or "none"
@@ -208,8 +216,9 @@ class Predictor:
         Args:
             images: paths or arrays.
             names: report names of the images (default: the path, or ``image_<i>`` for arrays).
-            on_error: ``raise`` stops at the first unreadable image; ``skip`` yields a
-                :class:`Prediction` with ``error`` set and goes on.
+            on_error: ``raise`` stops at the first unreadable image (after yielding the
+                images before it); ``skip`` yields a :class:`Prediction` with ``error`` set and
+                goes on.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -239,18 +248,21 @@ class Predictor:
 
         for order, (path, loaded) in enumerate(self._load_all(images, names)):
             job = None
-            if isinstance(loaded, Exception):
-                if on_error == "raise":
-                    raise loaded
-                done[order] = _failed(path, loaded)
-            else:
+            error = loaded if isinstance(loaded, Exception) else None
+            if error is None:
                 try:
                     job = self._start(order, path, loaded, len(passes))
                 except ValueError as err:
-                    if on_error == "raise":
-                        raise
-                    done[order] = _failed(path, err)
-                    job = None
+                    error = err
+            if error is not None:
+                if on_error == "raise":
+                    # the images before this one are finished and yielded first
+                    flush()
+                    while next_out in done:
+                        yield done.pop(next_out)
+                        next_out += 1
+                    raise error
+                done[order] = _failed(path, error)
             if job is not None:
                 jobs[order] = job
                 for tile in job.plan.tiles:
@@ -292,6 +304,8 @@ class Predictor:
         if isinstance(item, np.ndarray):
             label = name or f"image_{index}"
             try:
+                if item.dtype == np.uint16:
+                    item = to_uint8(item, self.bit_depth, label, warned=self._warned_depths)
                 return label, _check_array(item, label)
             except ValueError as err:
                 return label, err
@@ -304,7 +318,7 @@ class Predictor:
                 f"{path} is a folder; pass image files (or use defectseg.inference.list_images)"
             )
         try:
-            return label, read_image(path)
+            return label, read_image(path, self.bit_depth, warned=self._warned_depths)
         except (ValueError, FileNotFoundError) as err:
             return label, err
 
@@ -386,8 +400,8 @@ def _flip_chw(probabilities: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
 def _check_array(image: np.ndarray, name: str) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(
-            f"{name}: images must be uint8 arrays (raw 0..255 pixels), got {image.dtype}; the model "
-            "normalises them itself"
+            f"{name}: images must be uint8 (raw 0..255 pixels) or uint16 arrays (scaled by bit_depth), "
+            f"got {image.dtype}; the model normalises them itself"
         )
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
         raise ValueError(f"{name}: expected an (H, W) or (H, W, C) image with 1, 3 or 4 channels, got {image.shape}")
