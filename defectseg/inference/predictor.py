@@ -92,7 +92,8 @@ class Predictor:
     Args:
         model: a ``.ckpt`` checkpoint of a defectseg model, an ``.onnx``/TorchScript file written
             by ``defectseg export``, or a LightningModule.
-        device: ``cpu``, ``cuda`` (``cuda:1``...) or ``auto``.
+        device: ``auto`` (the default: CUDA when present, else CPU), ``cpu``, ``cuda``
+            (``cuda:1``...).
         tile_size: images larger than this (an int or ``(height, width)``) are predicted tile by
             tile with :mod:`sliding-window blending <defectseg.inference.tiling>`; ``None`` or 0
             predicts every image in one pass. Multiples of 32 avoid padding each tile. Models
@@ -120,7 +121,7 @@ class Predictor:
     def __init__(
         self,
         model: str | os.PathLike | L.LightningModule,
-        device: str = "cpu",
+        device: str = "auto",
         tile_size: int | tuple[int, int] | None = 1024,
         overlap: int = 64,
         batch_size: int = 8,
