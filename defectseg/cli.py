@@ -25,6 +25,7 @@ import defectseg
 from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
+from defectseg.utils.help import DefectSegArgumentParser
 
 #: Extra commands: name -> (one-line help, function taking the remaining argv).
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int | None]]] = {}
@@ -61,6 +62,7 @@ class DefectSegCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_class", DefectSegArgumentParser)  # help without reST markup
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "defectseg: imbalanced surface-defect segmentation.")
         super().__init__(SegmentationModule, DefectDataModule, *args, **kwargs)
@@ -82,6 +84,7 @@ class DefectSegCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_on_exception": True,
             }
         )
         parser.add_lightning_class_args(LogValidationSamples, "image_logger")
@@ -100,8 +103,18 @@ class DefectSegCLI(LightningCLI):
         return parser
 
     def _check_ckpt_path(self, subcommand: str) -> None:
-        """Stop with a clear message when ``--ckpt_path`` does not fit the configured model."""
+        """Resolve ``--ckpt_path best|last`` from the checkpoint folder (a new process knows no
+        best model) and stop with a clear message when it does not fit the configured model."""
         ckpt_path = self.config.get(subcommand, {}).get("ckpt_path")
+        if ckpt_path in ("best", "last"):
+            from defectseg.callbacks.checkpoint import resolve_checkpoint
+
+            folder = next((c.dirpath for c in self.trainer.checkpoint_callbacks if c.dirpath), None)
+            try:
+                ckpt_path = resolve_checkpoint(ckpt_path, folder)
+            except FileNotFoundError as err:
+                raise SystemExit(f"defectseg {subcommand}: {err}") from None
+            self.config[subcommand]["ckpt_path"] = self.config_init[subcommand]["ckpt_path"] = ckpt_path
         if not ckpt_path or not os.path.isfile(str(ckpt_path)):
             return
         from defectseg.inference.checkpoint import CheckpointError, check_checkpoint_matches
