@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import defectseg
-from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint
+from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint, WandbExtras
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
 from defectseg.utils.help import DefectSegArgumentParser
@@ -88,6 +88,7 @@ class DefectSegCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LogValidationSamples, "image_logger")
+        parser.add_lightning_class_args(WandbExtras, "wandb")  # artifacts, IoU table, DLI charts
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -185,6 +186,17 @@ def main(args: Sequence[str] | None = None) -> int | None:
         _print_help()
         if not argv:
             return 2
-    # from the console LightningCLI reads sys.argv itself (given both, it warns on every run)
-    DefectSegCLI(args=None if args is None else argv)
+    from defectseg.models.networks import PretrainedWeightsError
+
+    try:
+        # from the console LightningCLI reads sys.argv itself (given both, it warns on every run)
+        DefectSegCLI(args=None if args is None else argv)
+    except Exception as err:
+        # offline pretrained weights: a short message, no traceback (jsonargparse wraps the error)
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, PretrainedWeightsError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise SystemExit(f"defectseg: {cause}") from None
     return 0

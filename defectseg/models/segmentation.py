@@ -55,8 +55,10 @@ class SegmentationModule(L.LightningModule):
         encoder_depth: encoder stages (3 to 5).
         decoder_channels: decoder widths for Unet-like architectures.
         in_channels: image channels (linked from the datamodule).
-        weights: ``None`` (random initialisation, nothing downloaded) or the path of a local
-            state dict, encoder state dict or defectseg checkpoint.
+        weights: None (random initialisation, nothing downloaded), a pretrained weight name of
+            the encoder (imagenet, ssl...; for tu- timm encoders any name, the tag being part of
+            the encoder name), downloaded once into the Hugging Face cache, or the path of a
+            local state dict, encoder state dict or defectseg checkpoint (docs/pretrained.md).
         loss: a registered loss name (ce, wce, dice, focal, balanced...), a weighted sum such as
             "balanced + 0.5 * dice", or, in Python or YAML, a loss module: in YAML a mapping with
             class_path (e.g. defectseg.losses.BalancedLoss) and init_args. Any nn.Module with the
@@ -146,8 +148,9 @@ class SegmentationModule(L.LightningModule):
     def configure_models(self) -> None:
         """Create ``self.net`` (the padded network) and load ``weights`` if given."""
         network = self.configure_network()
-        if self.hparams.weights:
-            load_weights(network, self.hparams.weights)
+        h = self.hparams
+        if h.weights:
+            load_weights(network, h.weights, encoder=h.encoder, in_channels=h.in_channels, encoder_depth=h.encoder_depth)
         self.net = PadToMultiple(network, self.hparams.pad_multiple)
 
     def loss_context(self) -> dict[str, Any]:
