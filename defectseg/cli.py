@@ -22,7 +22,12 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 import defectseg
-from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint, WandbExtras
+from defectseg.callbacks import (
+    LogValidationSamples,
+    PredictionWriter,
+    ResumableCheckpoint,
+    WandbExtras,
+)
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
 from defectseg.utils.help import DefectSegArgumentParser

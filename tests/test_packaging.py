@@ -2,7 +2,6 @@
 
 import ast
 import importlib.metadata
-import json
 import os
 import re
 import subprocess

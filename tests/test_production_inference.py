@@ -15,7 +15,13 @@ import torch
 
 from defectseg.cli import main
 from defectseg.commands.infer import build_parser
-from defectseg.data.bit_depth import BitDepthWarning, infer_bit_depth, read_image, resolve_bit_depth, to_uint8
+from defectseg.data.bit_depth import (
+    BitDepthWarning,
+    infer_bit_depth,
+    read_image,
+    resolve_bit_depth,
+    to_uint8,
+)
 from defectseg.data.synthetic import SyntheticDefectsDataModule
 from defectseg.inference import Predictor
 from defectseg.inference.runtime import resolve_device

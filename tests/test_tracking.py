@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import wandb_offline
 from torch import nn
 
 import defectseg
@@ -28,7 +29,6 @@ from defectseg.models import PretrainedWeightsError, SegmentationModule
 from defectseg.models.networks import build_network, load_pretrained_encoder, load_weights
 from defectseg.models.segmentation import loss_from_config
 from defectseg.utils.help import strip_rst
-from helpers import wandb_offline
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"class_path": "defectseg.models.SegmentationModule",
@@ -88,8 +88,8 @@ def test_trainer_fragments_log_to_wandb_offline_with_artifacts_and_tables(fragme
 
     rows = wandb_offline.history(run_dir)
     keys = set().union(*rows)
-    assert {"val/iou_per_class", "val/iou_per_class_chart", "val/predictions", "val/samples",
-            "train/dli_counts", "train/dli_counts_before", "train/dli_counts_after"} <= keys
+    assert {"val/iou_per_class", "val/iou_per_class_chart_table", "val/predictions", "val/samples",
+            "train/dli_counts", "train/dli_counts_before_table", "train/dli_counts_after_table"} <= keys
     # the per-class IoU table holds the IoU logged as scalars at that validation
     row = [r for r in rows if "val/iou_per_class" in r][-1]
     iou = wandb_offline.table(run_dir, row["val/iou_per_class"]["path"])
@@ -131,7 +131,7 @@ def test_resolve_checkpoint_errors(tmp_path):
         resolve_checkpoint("best", None)
     with pytest.raises(FileNotFoundError, match="no last.ckpt in"):
         resolve_checkpoint("last", tmp_path)
-    torch.save({"callbacks": {"ModelCheckpoint{'monitor': 'val/miou_defect'}": {"best_model_path": str(tmp_path / "best-003.ckpt")}}},
+    torch.save({"callbacks": {"ResumableCheckpoint{}": {"best_model_path": str(tmp_path / "best-003.ckpt")}}},
                tmp_path / "last.ckpt")
     assert resolve_checkpoint("last", tmp_path) == str(tmp_path / "last.ckpt")
     with pytest.raises(FileNotFoundError, match="best-003.ckpt as the best checkpoint, but it is gone"):
@@ -156,12 +156,13 @@ def test_quickstart_next_steps_run_exactly_as_printed(tmp_path):
     commands += [line.split("#")[0].split("defectseg", 1)[1] for line in readme.splitlines()
                  if line.startswith("defectseg test") or line.startswith("defectseg predict")]
     assert any("--ckpt_path best" in c for c in commands)
-    for command in dict.fromkeys(commands):
-        args = shlex.split(command)
-        if args[0] == "predict":
-            args += ["--data.init_args.num_images", "40"]  # fewer images to write (same checkpoint)
-        result = run(*args, "--data.init_args.num_workers", "0", cwd=tmp_path)
-        assert "Traceback" not in result.stderr, command
+    for args in dict.fromkeys(tuple(shlex.split(c)) for c in commands):
+        result = run(*args, cwd=tmp_path)
+        assert "Traceback" not in result.stderr, args
+        if args[0] == "test":
+            assert "test/miou_defect" in result.stdout and "best-000.ckpt" in result.stdout + result.stderr
+        else:
+            assert len(list((tmp_path / "predictions").glob("*_mask.png"))) == 60  # the 15 % test split
 
 
 # ---------------------------------------------------------------------------------- exceptions

@@ -77,8 +77,8 @@ def resolve_checkpoint(name: str, dirpath: str | os.PathLike | None) -> str:
     if name == "last":
         return str(last)
     state = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
-    for key, value in state.items():
-        best = value.get("best_model_path") if "ModelCheckpoint" in str(key) and isinstance(value, dict) else None
+    for value in state.values():  # keyed by the callback's class name and settings
+        best = value.get("best_model_path") if isinstance(value, dict) else None
         if best:
             for candidate in (Path(best), folder / Path(best).name):  # the folder may have moved
                 if candidate.is_file():

@@ -52,14 +52,19 @@ def artifacts(run_dir: Path) -> list[tuple[str, str, list[str], list[str]]]:
 
 
 def history(run_dir: Path) -> list[dict[str, Any]]:
-    """The logged rows: ``{key: value}`` (nested keys joined with ``/``)."""
+    """The logged rows: ``{key: value}``; a media value (table, images) is the dict W&B stores
+    for it (``{"_type": "table-file", "path": ...}``). A chart logs its data table as
+    ``<key>_table``."""
     rows = []
     for record in read_records(run_dir):
         if record.WhichOneof("record_type") == "history":
-            row = {}
+            row: dict[str, Any] = {}
             for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                row[key] = json.loads(item.value_json)
+                parts = [item.key] if item.key else list(item.nested_key)
+                target = row
+                for part in parts[:-1]:
+                    target = target.setdefault(part, {})
+                target[parts[-1]] = json.loads(item.value_json)
             rows.append(row)
     return rows
 
