@@ -15,15 +15,10 @@ import torch
 
 from defectseg.cli import main
 from defectseg.commands.infer import build_parser
-from defectseg.data.bit_depth import (
-    BitDepthWarning,
-    infer_bit_depth,
-    read_image,
-    resolve_bit_depth,
-    to_uint8,
-)
+from defectseg.data.bit_depth import BitDepthWarning, infer_bit_depth, resolve_bit_depth, to_uint8
 from defectseg.data.synthetic import SyntheticDefectsDataModule
 from defectseg.inference import Predictor
+from defectseg.inference.predictor import read_image
 from defectseg.inference.runtime import resolve_device
 from defectseg.models import SegmentationModule
 
@@ -32,10 +27,11 @@ CLASSES = ["background", "scratch", "pit"]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-def tiny_module() -> SegmentationModule:
+def tiny_module(**normalization) -> SegmentationModule:
     torch.manual_seed(0)
+    normalization = normalization or {"mean": [0.5], "std": [0.25]}
     return SegmentationModule(num_classes=3, class_names=CLASSES, encoder_depth=3, decoder_channels=[16, 8, 8],
-                              in_channels=1, mean=[0.5], std=[0.25])
+                              in_channels=1, **normalization)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def ckpt(tmp_path_factory) -> Path:
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=str(folder))
-    trainer.fit(tiny_module(), datamodule=data)
+    trainer.fit(tiny_module(mean=None, std=None), datamodule=data)  # mean/std from the data
     path = folder / "model.ckpt"
     trainer.save_checkpoint(path)
     return path

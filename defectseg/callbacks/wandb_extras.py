@@ -113,7 +113,7 @@ class WandbExtras(Callback):
             return
         import wandb
 
-        from defectseg import __version__
+        from defectseg.version import __version__
 
         run = logger.experiment
         for callback in trainer.checkpoint_callbacks:

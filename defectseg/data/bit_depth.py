@@ -15,7 +15,8 @@ stored bit depth says how to scale instead: ``value * 255 / (2**bits - 1)``, rou
 ``uint8`` arrays are 8-bit files and come back unchanged whatever the setting.
 
 Call :func:`to_uint8` right after decoding an image (``cv2.IMREAD_UNCHANGED``), before any
-channel conversion or normalisation; :func:`read_image` does both for a file.
+channel conversion or normalisation (:func:`defectseg.inference.predictor.read_image` does both
+for a file). This module needs numpy only, so the file readers can import it.
 """
 
 from __future__ import annotations
@@ -133,34 +134,3 @@ def to_uint8(
     # float64: no value of 10, 12 or 16 bits lands within float32 rounding of a .5 tie
     return np.rint(array.astype(np.float64) * (255.0 / (2**depth - 1))).astype(np.uint8)
 
-
-def read_image(
-    path: str | os.PathLike,
-    bit_depth: BitDepth | str | int = "auto",
-    warn: bool = True,
-    warned: set[int] | None = None,
-) -> np.ndarray:
-    """Decode an image file like :func:`defectseg.data.base.read_image`, scaling 16-bit files
-    by ``bit_depth`` (:func:`to_uint8`, which documents ``warn`` and ``warned``) instead of
-    dividing by 257.
-
-    Returns:
-        ``uint8`` ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour (alpha dropped).
-
-    Raises:
-        FileNotFoundError: the file cannot be opened.
-        ValueError: the file cannot be decoded, or a value is above ``bit_depth`` (naming it).
-    """
-    import cv2
-
-    from defectseg.data.base import _decode_file
-
-    path = os.fspath(path)
-    image = to_uint8(_decode_file(path, cv2.IMREAD_UNCHANGED), bit_depth, path, warn, warned)
-    if image.ndim == 3 and image.shape[2] == 1:
-        return image[..., 0]
-    if image.ndim == 3 and image.shape[2] == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    if image.ndim == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
