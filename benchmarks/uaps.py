@@ -1,32 +1,49 @@
-"""Cost of UAPS against the supervised SegmentationModule: training step and inference latency.
+"""Cost of UAPS against the supervised SegmentationModule: training step, where it goes, inference.
 
 Usage (from the repository root)::
 
-    python benchmarks/uaps.py [--size 128] [--batch 8] [--unlabeled-batch 8] [--repeats 10]
+    python benchmarks/uaps.py [--size 128] [--batch 8] [--unlabeled-batch 8] [--repeats 3]
 
-Both modules use the same architecture, encoder and loss (``ce+dice``). Measured in one run,
-interleaved (A, B, A, B...) so that machine load affects both alike; medians are printed.
+Both modules use the same architecture, encoder and loss (``0.5 * ce + 0.5 * dice``). Every
+figure of one table is measured in one run, interleaved (A, B, C, A, B, C...) so that machine
+load affects all alike; medians are printed.
 
-* Training step (forward, backward, AdamW step) on the same labelled batch:
-  ``SegmentationModule`` on the labelled batch; ``UAPSModule`` with the labelled batch plus an
-  unlabelled batch (the semi-supervised step); ``UAPSModule`` with ``unsupervised_weight: 0``
-  (supervised baseline: all decoders, labelled batch only).
-* Inference (``eval``, ``no_grad``, ``module(image)``) at batch 1 and ``--batch``: UAPS runs the
-  main decoder only, so the goal is a ratio of 1.0 within noise.
+* **Training step** (forward, backward, AdamW step) for two settings: fp32 in the default memory
+  format, and bf16 autocast with channels_last (the fast-training defaults). Per setting:
+  ``SegmentationModule`` on the labelled batch, and ``UAPSModule`` on the labelled plus the
+  unlabelled batch with ``forward_passes: joint`` (one pass over both) and ``separate`` (one
+  pass each, batch norm not mixed, as in the reference). The ratio is UAPS / supervised.
+* **Where a UAPS step goes** (``--parts``, on by default): one more interleaved round per
+  setting times the encoder, the main decoder, the auxiliary decoders with their
+  perturbations, the pseudo-label mixing and KL uncertainty, the losses, the backward pass and
+  the optimizer step of the joint UAPS step, and the same parts of the supervised step.
+* **Inference** (``eval``, ``no_grad``, ``module(image)``) at batch 1 and ``--batch``: UAPS runs
+  the main decoder only, so the goal is a ratio of 1.0 within noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 
 import torch
 
 from defectseg.models import SegmentationModule, UAPSModule
+from defectseg.models import uaps as uaps_module
+
+SETTINGS = {"fp32": (False, False), "bf16 + channels_last": (True, True)}
+#: functions of defectseg.models.uaps timed as parts (looked up by name at every call)
+MODULE_PARTS = {
+    "mix_pseudo_labels": "KL uncertainty + mixing",
+    "kl_uncertainty": "KL uncertainty + mixing",
+    "uaps_unsupervised_loss": "unsupervised loss (softmax, CE, certainty)",
+}
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -52,14 +69,150 @@ def quiet(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def train_step(module: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+class PartTimer:
+    """Wall time of named parts of a step, from forward hooks and wrapped functions.
+
+    Parts nest (the unsupervised loss calls the mixing and KL functions): a part's time excludes
+    the parts timed inside it, so the parts add up to the step.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.stack: list[list] = []  # [name, start, time of inner parts]
+        self.enabled = False
+
+    def start(self, name: str) -> None:
+        if self.enabled:
+            self.stack.append([name, time.perf_counter(), 0.0])
+
+    def stop(self) -> None:
+        if not self.enabled:
+            return
+        name, start, inner = self.stack.pop()
+        elapsed = time.perf_counter() - start
+        self.totals[name] += elapsed - inner
+        if self.stack:
+            self.stack[-1][2] += elapsed
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+    def hook(self, module: torch.nn.Module, name: str) -> None:
+        module.register_forward_pre_hook(lambda *args: self.start(name))
+        module.register_forward_hook(lambda *args: self.stop())
+
+    def wrap(self, owner: object, attribute: str, name: str) -> None:
+        function = getattr(owner, attribute)
+
+        def wrapper(*args, **kwargs):
+            with self.part(name):
+                return function(*args, **kwargs)
+
+        setattr(owner, attribute, wrapper)
+
+
+def instrument(module: torch.nn.Module, timer: PartTimer) -> None:
+    """Hook the network's parts and wrap the losses of ``module`` (supervised or UAPS)."""
+    network = module.net.network
+    timer.hook(network.encoder, "encoder")
+    timer.hook(network.decoder, "main decoder")
+    timer.hook(network.segmentation_head, "main decoder")
+    for branch in getattr(network, "aux_decoders", []):
+        timer.hook(branch, "aux decoders + perturbations")
+    timer.wrap(module.loss_fn, "forward", "losses")
+    dice = uaps_module.find_dice(module.loss_fn)
+    if dice is not None and dice is not module.loss_fn:
+        timer.wrap(dice, "forward", "losses")  # the pseudo-label loss's Dice
+
+
+def train_step(
+    module: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, bf16: bool, timer: PartTimer | None = None
+) -> Callable[[], None]:
+    timer = timer or PartTimer()
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = module.training_step(batch, 1)
-        loss.backward()
-        optimizer.step()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = module.training_step(batch, 1)
+        with timer.part("backward"):
+            loss.backward()
+        with timer.part("optimizer step"):
+            optimizer.step()
 
     return step
+
+
+def build(args: argparse.Namespace, channels_last: bool) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    common = {
+        "num_classes": args.classes, "arch": args.arch, "encoder": args.encoder, "encoder_depth": args.encoder_depth,
+        "loss": "0.5 * ce + 0.5 * dice",
+    }
+    uaps = {"num_aux_decoders": args.num_aux_decoders, "rampup_steps": 0, "channels_last": channels_last, **common}
+    modules = {
+        "supervised": SegmentationModule(**common),
+        "uaps joint": UAPSModule(forward_passes="joint", **uaps),
+        "uaps separate": UAPSModule(forward_passes="separate", **uaps),
+    }
+    for module in modules.values():
+        quiet(module).train()
+        if channels_last:
+            module.net.to(memory_format=torch.channels_last)
+        if isinstance(module, UAPSModule):
+            module.configure_memory_format("cpu")
+    return modules
+
+
+def batches(args: argparse.Namespace, channels_last: bool) -> tuple[dict, dict]:
+    size = args.size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    labeled = {
+        "image": torch.randn(args.batch, 3, size, size).contiguous(memory_format=fmt),
+        "mask": torch.randint(0, args.classes, (args.batch, size, size)),
+    }
+    unlabeled = {
+        "image": torch.randn(args.unlabeled_batch, 3, size, size).contiguous(memory_format=fmt),
+        "mask": torch.full((args.unlabeled_batch, size, size), 255),
+        "valid_size": torch.tensor([[size, size]] * args.unlabeled_batch),
+    }
+    return labeled, {"labeled": labeled, "unlabeled": unlabeled}
+
+
+def measure_parts(args: argparse.Namespace, bf16: bool, channels_last: bool) -> dict[str, dict[str, float]]:
+    """Seconds per part (mean of ``--repeats`` steps) of the supervised and the joint UAPS step."""
+    modules = build(args, channels_last)
+    labeled, combined = batches(args, channels_last)
+    timers = {"supervised": PartTimer(), "uaps joint": PartTimer()}
+    originals = {name: getattr(uaps_module, name) for name in MODULE_PARTS}
+    try:
+        steps = {}
+        for name, timer in timers.items():
+            module = modules[name]
+            instrument(module, timer)
+            if name == "uaps joint":
+                for function, part in MODULE_PARTS.items():
+                    timer.wrap(uaps_module, function, part)
+            batch = labeled if name == "supervised" else combined
+            steps[name] = train_step(module, batch, torch.optim.AdamW(module.parameters()), bf16, timer)
+        for step in steps.values():
+            step()  # warm-up, not timed
+        for timer in timers.values():
+            timer.enabled = True
+        step_times = interleaved(steps, args.repeats, 0)
+    finally:
+        for name, function in originals.items():
+            setattr(uaps_module, name, function)
+    totals = {}
+    for name, timer in timers.items():
+        parts = {part: value / args.repeats for part, value in timer.totals.items()}
+        parts["rest (slicing, padding, logging)"] = max(0.0, step_times[name] - sum(parts.values()))
+        totals[name] = parts
+    return totals
 
 
 def main() -> None:
@@ -72,87 +225,91 @@ def main() -> None:
     parser.add_argument("--encoder-depth", type=int, default=5)
     parser.add_argument("--num-aux-decoders", type=int, default=3)
     parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-parts", action="store_true", help="skip the per-part timing")
+    parser.add_argument("--no-inference", action="store_true", help="skip the inference latency")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    common = {
-        "num_classes": args.classes, "arch": args.arch, "encoder": args.encoder,
-        "encoder_depth": args.encoder_depth, "loss": "ce+dice",
-    }
-    supervised = quiet(SegmentationModule(**common))
-    uaps = quiet(UAPSModule(num_aux_decoders=args.num_aux_decoders, unsupervised_weight=0.1, rampup_steps=0, **common))
-    baseline = quiet(UAPSModule(num_aux_decoders=args.num_aux_decoders, unsupervised_weight=0.0, **common))
-    size = args.size
-    labeled = {
-        "image": torch.randn(args.batch, 3, size, size),
-        "mask": torch.randint(0, args.classes, (args.batch, size, size)),
-    }
-    unlabeled = {
-        "image": torch.randn(args.unlabeled_batch, 3, size, size),
-        "mask": torch.full((args.unlabeled_batch, size, size), 255),
-        "valid_size": torch.tensor([[size, size]] * args.unlabeled_batch),
-    }
-    combined = {"labeled": labeled, "unlabeled": unlabeled}
-    for module in (supervised, uaps, baseline):
-        module.train()
-    train = interleaved(
-        {
-            "supervised": train_step(supervised, labeled, torch.optim.AdamW(supervised.parameters())),
-            "uaps": train_step(uaps, combined, torch.optim.AdamW(uaps.parameters())),
-            "uaps_w0": train_step(baseline, combined, torch.optim.AdamW(baseline.parameters())),
-        },
-        args.repeats,
-        args.warmup,
+
+    steps, references = {}, {}
+    for setting, (bf16, channels_last) in SETTINGS.items():
+        modules = build(args, channels_last)
+        labeled, combined = batches(args, channels_last)
+        for name, module in modules.items():
+            batch = labeled if name == "supervised" else combined
+            steps[(setting, name)] = train_step(module, batch, torch.optim.AdamW(module.parameters()), bf16)
+        references[setting] = modules
+    train = interleaved(steps, args.repeats, args.warmup)
+
+    print(
+        f"UAPS benchmark: {args.arch}/{args.encoder} depth {args.encoder_depth}, {args.num_aux_decoders} aux "
+        f"decoders, {args.size}x{args.size}, {args.batch} labelled + {args.unlabeled_batch} unlabelled images, "
+        f"{args.classes} classes, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus, {torch.get_num_threads()} threads; medians of {args.repeats} interleaved steps\n"
     )
-    for module in (supervised, uaps):
-        module.eval()
-    infer = {}
-    for batch in sorted({1, args.batch}):
-        image = torch.randn(batch, 3, size, size)
-
-        def run(module: torch.nn.Module, image: torch.Tensor = image) -> Callable[[], None]:
-            def call() -> None:
-                with torch.no_grad():
-                    module(image)
-
-            return call
-
-        infer[batch] = interleaved(
-            {"supervised": run(supervised), "uaps": run(uaps)}, args.repeats * 3, args.warmup
+    print("| training step | supervised (ms) | UAPS joint (ms) | ratio | UAPS separate (ms) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for setting in SETTINGS:
+        sup, joint, separate = (train[(setting, n)] for n in ("supervised", "uaps joint", "uaps separate"))
+        print(
+            f"| {setting} | {sup * 1e3:.0f} | {joint * 1e3:.0f} | {joint / sup:.2f} | "
+            f"{separate * 1e3:.0f} | {separate / sup:.2f} |"
         )
+    fp32_sup = train[("fp32", "supervised")]
+    print(
+        f"\nbf16 + channels_last UAPS joint step vs fp32 supervised step: "
+        f"{train[('bf16 + channels_last', 'uaps joint')] / fp32_sup:.2f}x"
+    )
+
+    if not args.no_parts:
+        for setting, (bf16, channels_last) in SETTINGS.items():
+            parts = measure_parts(args, bf16, channels_last)
+            names = list(dict.fromkeys([*parts["uaps joint"], *parts["supervised"]]))
+            sup_total = sum(parts["supervised"].values())
+            print(f"\nWhere the step goes, {setting} (ms per step; share of the UAPS joint step):\n")
+            print("| part | supervised | UAPS joint | share of UAPS | UAPS - supervised, in supervised steps |")
+            print("|---|---:|---:|---:|---:|")
+            uaps_total = sum(parts["uaps joint"].values())
+            for name in names:
+                s, u = parts["supervised"].get(name, 0.0), parts["uaps joint"].get(name, 0.0)
+                print(
+                    f"| {name} | {s * 1e3:.0f} | {u * 1e3:.0f} | {u / uaps_total:.0%} | {(u - s) / sup_total:+.2f} |"
+                )
+            print(f"| total | {sup_total * 1e3:.0f} | {uaps_total * 1e3:.0f} | 100% | {uaps_total / sup_total - 1:+.2f} |")
+
+    if not args.no_inference:
+        supervised, uaps = references["fp32"]["supervised"], references["fp32"]["uaps joint"]
+        for module in (supervised, uaps):
+            module.eval()
+        print("\n| inference (fp32) | supervised (ms) | UAPS (ms) | ratio |")
+        print("|---|---:|---:|---:|")
+        for batch in sorted({1, args.batch}):
+            image = torch.randn(batch, 3, args.size, args.size)
+
+            def run(module: torch.nn.Module, image: torch.Tensor = image) -> Callable[[], None]:
+                def call() -> None:
+                    with torch.no_grad():
+                        module(image)
+
+                return call
+
+            times = interleaved({"supervised": run(supervised), "uaps": run(uaps)}, args.repeats * 3, args.warmup)
+            print(
+                f"| batch {batch} | {times['supervised'] * 1e3:.1f} | {times['uaps'] * 1e3:.1f} | "
+                f"{times['uaps'] / times['supervised']:.2f} |"
+            )
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    uaps = references["fp32"]["uaps joint"]
     main_params = sum(
         p.numel() for name, p in uaps.uaps_net.named_parameters() if not name.startswith("aux_decoders.")
     ) / 1e6
     print(
-        f"UAPS benchmark: {args.arch}/{args.encoder} depth {args.encoder_depth}, {args.num_aux_decoders} aux "
-        f"decoders, {size}x{size}, {args.classes} classes, torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads"
+        f"\nparameters: supervised {params(references['fp32']['supervised']):.2f} M, UAPS {params(uaps):.2f} M "
+        f"(main path {main_params:.2f} M)"
     )
-    print(
-        f"parameters: supervised {params(supervised):.2f} M, UAPS {params(uaps):.2f} M "
-        f"(main path {main_params:.2f} M)\n"
-    )
-    print("| measurement | supervised (ms) | UAPS (ms) | ratio |")
-    print("|---|---:|---:|---:|")
-    ref = train["supervised"] * 1e3
-    print(
-        f"| train step, {args.batch} labelled + {args.unlabeled_batch} unlabelled | {ref:.0f} | "
-        f"{train['uaps'] * 1e3:.0f} | {train['uaps'] / train['supervised']:.2f} |"
-    )
-    print(
-        f"| train step, {args.batch} labelled, unsupervised_weight 0 | {ref:.0f} | "
-        f"{train['uaps_w0'] * 1e3:.0f} | {train['uaps_w0'] / train['supervised']:.2f} |"
-    )
-    for batch, times in infer.items():
-        print(
-            f"| inference, batch {batch} | {times['supervised'] * 1e3:.1f} | {times['uaps'] * 1e3:.1f} | "
-            f"{times['uaps'] / times['supervised']:.2f} |"
-        )
 
 
 if __name__ == "__main__":
