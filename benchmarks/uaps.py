@@ -13,10 +13,15 @@ load affects all alike; medians are printed.
   ``SegmentationModule`` on the labelled batch, and ``UAPSModule`` on the labelled plus the
   unlabelled batch with ``forward_passes: joint`` (one pass over both) and ``separate`` (one
   pass each, batch norm not mixed, as in the reference). The ratio is UAPS / supervised.
-* **Where a UAPS step goes** (``--parts``, on by default): one more interleaved round per
-  setting times the encoder, the main decoder, the auxiliary decoders with their
-  perturbations, the pseudo-label mixing and KL uncertainty, the losses, the backward pass and
-  the optimizer step of the joint UAPS step, and the same parts of the supervised step.
+* **What the ratio is made of** (bf16 + channels_last, same interleaved run): UAPS with
+  ``unsupervised_weight: 0`` (every decoder, labelled images only), without perturbations, and
+  with one auxiliary decoder. With ``D`` the decoder's share of a supervised step, a UAPS step
+  runs twice the images through the encoder and ``K`` decoders: about ``2 (1 + (K - 1) D)``
+  supervised steps; ``D`` is estimated from the ``unsupervised_weight: 0`` row.
+* **Where a UAPS step goes** (bf16 + channels_last, the warmed-up modules of the table): the
+  encoder, the main decoder, the auxiliary decoders with their perturbations, the pseudo-label
+  mixing and KL uncertainty, the losses, the backward pass and the optimizer step of the joint
+  UAPS step, and the same parts of the supervised step (``--no-parts`` skips it).
 * **Inference** (``eval``, ``no_grad``, ``module(image)``) at batch 1 and ``--batch``: UAPS runs
   the main decoder only, so the goal is a ratio of 1.0 within noise.
 """
@@ -147,11 +152,18 @@ def train_step(
     return step
 
 
-def build(args: argparse.Namespace, channels_last: bool) -> dict[str, torch.nn.Module]:
+ABLATIONS = {
+    "uaps, unsupervised_weight 0": {"unsupervised_weight": 0.0},
+    "uaps joint, perturbations none": {"perturbations": ["none"]},
+    "uaps joint, 1 auxiliary decoder": {"num_aux_decoders": 1},
+}
+
+
+def build(args: argparse.Namespace, channels_last: bool, ablations: bool = False) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     common = {
         "num_classes": args.classes, "arch": args.arch, "encoder": args.encoder, "encoder_depth": args.encoder_depth,
-        "loss": "0.5 * ce + 0.5 * dice",
+        "decoder_channels": args.decoder_channels, "loss": "0.5 * ce + 0.5 * dice",
     }
     uaps = {"num_aux_decoders": args.num_aux_decoders, "rampup_steps": 0, "channels_last": channels_last, **common}
     modules = {
@@ -159,6 +171,8 @@ def build(args: argparse.Namespace, channels_last: bool) -> dict[str, torch.nn.M
         "uaps joint": UAPSModule(forward_passes="joint", **uaps),
         "uaps separate": UAPSModule(forward_passes="separate", **uaps),
     }
+    for name, change in ABLATIONS.items() if ablations else ():
+        modules[name] = UAPSModule(**{**uaps, **change})
     for module in modules.values():
         quiet(module).train()
         if channels_last:
@@ -183,10 +197,10 @@ def batches(args: argparse.Namespace, channels_last: bool) -> tuple[dict, dict]:
     return labeled, {"labeled": labeled, "unlabeled": unlabeled}
 
 
-def measure_parts(args: argparse.Namespace, bf16: bool, channels_last: bool) -> dict[str, dict[str, float]]:
+def measure_parts(
+    args: argparse.Namespace, modules: dict[str, torch.nn.Module], labeled: dict, combined: dict, bf16: bool
+) -> dict[str, dict[str, float]]:
     """Seconds per part (mean of ``--repeats`` steps) of the supervised and the joint UAPS step."""
-    modules = build(args, channels_last)
-    labeled, combined = batches(args, channels_last)
     timers = {"supervised": PartTimer(), "uaps joint": PartTimer()}
     originals = {name: getattr(uaps_module, name) for name in MODULE_PARTS}
     try:
@@ -199,8 +213,6 @@ def measure_parts(args: argparse.Namespace, bf16: bool, channels_last: bool) -> 
                     timer.wrap(uaps_module, function, part)
             batch = labeled if name == "supervised" else combined
             steps[name] = train_step(module, batch, torch.optim.AdamW(module.parameters()), bf16, timer)
-        for step in steps.values():
-            step()  # warm-up, not timed
         for timer in timers.values():
             timer.enabled = True
         step_times = interleaved(steps, args.repeats, 0)
@@ -227,6 +239,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--decoder-channels", type=int, nargs="+", default=None, help="Unet decoder widths")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the rows that explain the ratio")
     parser.add_argument("--no-parts", action="store_true", help="skip the per-part timing")
     parser.add_argument("--no-inference", action="store_true", help="skip the inference latency")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -234,21 +248,22 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    steps, references = {}, {}
+    steps, references, inputs = {}, {}, {}
     for setting, (bf16, channels_last) in SETTINGS.items():
-        modules = build(args, channels_last)
+        modules = build(args, channels_last, ablations=bf16 and not args.no_ablation)
         labeled, combined = batches(args, channels_last)
         for name, module in modules.items():
             batch = labeled if name == "supervised" else combined
             steps[(setting, name)] = train_step(module, batch, torch.optim.AdamW(module.parameters()), bf16)
-        references[setting] = modules
+        references[setting], inputs[setting] = modules, (labeled, combined)
     train = interleaved(steps, args.repeats, args.warmup)
 
     print(
-        f"UAPS benchmark: {args.arch}/{args.encoder} depth {args.encoder_depth}, {args.num_aux_decoders} aux "
-        f"decoders, {args.size}x{args.size}, {args.batch} labelled + {args.unlabeled_batch} unlabelled images, "
-        f"{args.classes} classes, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cpus, {torch.get_num_threads()} threads; medians of {args.repeats} interleaved steps\n"
+        f"UAPS benchmark: {args.arch}/{args.encoder} depth {args.encoder_depth}, decoder "
+        f"{args.decoder_channels or 'default'}, {args.num_aux_decoders} aux decoders, {args.size}x{args.size}, "
+        f"{args.batch} labelled + {args.unlabeled_batch} unlabelled images, {args.classes} classes, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+        f"{torch.get_num_threads()} threads; medians of {args.repeats} interleaved steps\n"
     )
     print("| training step | supervised (ms) | UAPS joint (ms) | ratio | UAPS separate (ms) | ratio |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -258,27 +273,40 @@ def main() -> None:
             f"| {setting} | {sup * 1e3:.0f} | {joint * 1e3:.0f} | {joint / sup:.2f} | "
             f"{separate * 1e3:.0f} | {separate / sup:.2f} |"
         )
-    fp32_sup = train[("fp32", "supervised")]
+    fast = "bf16 + channels_last"
     print(
-        f"\nbf16 + channels_last UAPS joint step vs fp32 supervised step: "
-        f"{train[('bf16 + channels_last', 'uaps joint')] / fp32_sup:.2f}x"
+        f"\n{fast} vs fp32: supervised step {train[(fast, 'supervised')] / train[('fp32', 'supervised')]:.2f}x, "
+        f"UAPS joint step {train[(fast, 'uaps joint')] / train[('fp32', 'uaps joint')]:.2f}x; "
+        f"the {fast} UAPS joint step costs {train[(fast, 'uaps joint')] / train[('fp32', 'supervised')]:.2f} "
+        "fp32 supervised steps"
     )
+    if not args.no_ablation:
+        sup = train[(fast, "supervised")]
+        print(f"\n| {fast}: what the ratio is made of | ms | ratio to supervised |")
+        print("|---|---:|---:|")
+        for name in ("uaps joint", *ABLATIONS):
+            print(f"| {name} | {train[(fast, name)] * 1e3:.0f} | {train[(fast, name)] / sup:.2f} |")
+        decoders = args.num_aux_decoders + 1
+        share = (train[(fast, "uaps, unsupervised_weight 0")] / sup - 1) / max(1, decoders - 1)
+        print(
+            f"\ndecoder share of a supervised step D = (ratio with unsupervised_weight 0 - 1) / {decoders - 1} = "
+            f"{share:.2f}; twice the images through the encoder and {decoders} decoders: "
+            f"2 (1 + {decoders - 1} D) = {2 * (1 + (decoders - 1) * share):.2f} supervised steps "
+            f"(a ratio of 2.5 needs D <= {0.25 / max(1, decoders - 1):.3f})"
+        )
 
     if not args.no_parts:
-        for setting, (bf16, channels_last) in SETTINGS.items():
-            parts = measure_parts(args, bf16, channels_last)
-            names = list(dict.fromkeys([*parts["uaps joint"], *parts["supervised"]]))
-            sup_total = sum(parts["supervised"].values())
-            print(f"\nWhere the step goes, {setting} (ms per step; share of the UAPS joint step):\n")
-            print("| part | supervised | UAPS joint | share of UAPS | UAPS - supervised, in supervised steps |")
-            print("|---|---:|---:|---:|---:|")
-            uaps_total = sum(parts["uaps joint"].values())
-            for name in names:
-                s, u = parts["supervised"].get(name, 0.0), parts["uaps joint"].get(name, 0.0)
-                print(
-                    f"| {name} | {s * 1e3:.0f} | {u * 1e3:.0f} | {u / uaps_total:.0%} | {(u - s) / sup_total:+.2f} |"
-                )
-            print(f"| total | {sup_total * 1e3:.0f} | {uaps_total * 1e3:.0f} | 100% | {uaps_total / sup_total - 1:+.2f} |")
+        labeled, combined = inputs[fast]
+        parts = measure_parts(args, references[fast], labeled, combined, SETTINGS[fast][0])
+        names = list(dict.fromkeys([*parts["uaps joint"], *parts["supervised"]]))
+        sup_total, uaps_total = sum(parts["supervised"].values()), sum(parts["uaps joint"].values())
+        print(f"\nWhere the step goes, {fast} (ms per step, mean of {args.repeats}):\n")
+        print("| part | supervised | UAPS joint | share of UAPS | UAPS - supervised, in supervised steps |")
+        print("|---|---:|---:|---:|---:|")
+        for name in names:
+            s_, u = parts["supervised"].get(name, 0.0), parts["uaps joint"].get(name, 0.0)
+            print(f"| {name} | {s_ * 1e3:.0f} | {u * 1e3:.0f} | {u / uaps_total:.0%} | {(u - s_) / sup_total:+.2f} |")
+        print(f"| total | {sup_total * 1e3:.0f} | {uaps_total * 1e3:.0f} | 100% | {uaps_total / sup_total - 1:+.2f} |")
 
     if not args.no_inference:
         supervised, uaps = references["fp32"]["supervised"], references["fp32"]["uaps joint"]

@@ -583,8 +583,9 @@ def test_loss_is_a_registry_name_or_a_class_path_dict():
     assert "class_path" in help_text and len(help_text.splitlines()) < 400, "no list of every torch module"
 
 
-def test_dli_counts_of_the_labelled_stream_are_logged(tmp_path):
+def test_dli_counts_of_the_labelled_stream_are_logged_and_channels_last_weights_train(tmp_path):
     model = UAPSModule(num_classes=5, rampup_steps=0, **TINY)
+    initial = model.uaps_net.encoder.conv1.weight.detach().clone()
     trainer = L.Trainer(
         default_root_dir=tmp_path, accelerator="cpu", max_steps=2, limit_val_batches=0, log_every_n_steps=1,
         logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
@@ -595,6 +596,9 @@ def test_dli_counts_of_the_labelled_stream_are_logged(tmp_path):
     assert {"train/dli/before/defect_free", "train/dli/after/defect_free", "train/dli/injected"} <= set(header)
     assert any(h.startswith("train/dli/after/") and h != "train/dli/after/defect_free" for h in header)
     assert "train/loss_pseudo" in header
+    # converted to channels_last when fitting started, and still the parameters the optimizer updates
+    weight = model.uaps_net.encoder.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not torch.equal(weight.detach(), initial)
 
 
 # ---------------------------------------------------------------- presets
