@@ -348,23 +348,15 @@ class UAPSModule(SegmentationModule):
 
     def configure_memory_format(self, device: torch.device | str | None = None) -> bool:
         """Resolve ``channels_last`` for ``device`` (default: the module's) and convert the
-        network's weights to match; returns whether channels_last is on. Called when fitting,
-        validating, testing or predicting starts."""
+        network's weights to match; returns whether channels_last is on. Called by :meth:`setup`
+        with the trainer's device, before the strategy moves or wraps the model."""
         self._channels_last = resolve_channels_last(self.hparams.channels_last, device or self.device)
         apply_memory_format(self.net, self._channels_last)
         return self._channels_last
 
-    def on_fit_start(self) -> None:
-        self.configure_memory_format()
-
-    def on_validation_start(self) -> None:
-        self.configure_memory_format()
-
-    def on_test_start(self) -> None:
-        self.configure_memory_format()
-
-    def on_predict_start(self) -> None:
-        self.configure_memory_format()
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self.configure_memory_format(self.trainer.strategy.root_device)
 
     @property
     def uaps_net(self) -> UAPSNet:
