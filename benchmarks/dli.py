@@ -64,9 +64,7 @@ def injection_costs(size: int, repeats: int) -> dict[str, dict[str, float]]:
     """Mean milliseconds of one injection (donor crop cached) per method and defect class."""
     dm = SyntheticDefectsDataModule(num_images=200, image_size=size, augment=False)
     dm.setup("fit")
-    from defectseg.data.base import DefectDataset
-
-    dataset = DefectDataset(dm, dm.samples_of("train"))
+    dataset = dm.make_dataset("train")
     samples = dataset.samples
     free = [i for i, s in enumerate(samples) if s.defect_free][:repeats]
     targets = [dataset.load(i)[:2] for i in free]

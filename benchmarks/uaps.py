@@ -174,9 +174,9 @@ def build(args: argparse.Namespace, channels_last: bool, ablations: bool = False
     torch.manual_seed(0)
     common = {
         "num_classes": args.classes, "arch": args.arch, "encoder": args.encoder, "encoder_depth": args.encoder_depth,
-        "decoder_channels": args.decoder_channels, "loss": "0.5 * ce + 0.5 * dice",
+        "decoder_channels": args.decoder_channels, "loss": "0.5 * ce + 0.5 * dice", "channels_last": channels_last,
     }
-    uaps = {"num_aux_decoders": args.num_aux_decoders, "rampup_steps": 0, "channels_last": channels_last, **common}
+    uaps = {"num_aux_decoders": args.num_aux_decoders, "rampup_steps": 0, **common}
     modules = {
         "supervised": SegmentationModule(**common),
         "uaps joint": UAPSModule(forward_passes="joint", **uaps),
@@ -186,10 +186,7 @@ def build(args: argparse.Namespace, channels_last: bool, ablations: bool = False
         modules[name] = UAPSModule(**{**uaps, **change})
     for module in modules.values():
         quiet(module).train()
-        if channels_last:
-            module.net.to(memory_format=torch.channels_last)
-        if isinstance(module, UAPSModule):
-            module.configure_memory_format("cpu")
+        module.configure_memory_format("cpu")  # what setup() does when a trainer runs the module
     return modules
 
 

@@ -25,6 +25,7 @@ import defectseg
 from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
+from defectseg.utils.hardware import resolve_precision
 
 #: Extra commands: name -> (one-line help, function taking the remaining argv).
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[list[str]], int | None]]] = {}
@@ -85,6 +86,14 @@ class DefectSegCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(LogValidationSamples, "image_logger")
+
+    def before_instantiate_classes(self) -> None:
+        """Fall back from bf16 where the hardware lacks it (one warning, see
+        :func:`defectseg.utils.hardware.resolve_precision`)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is not None and trainer.get("precision") is not None:
+            trainer["precision"] = resolve_precision(trainer["precision"], trainer.get("accelerator", "auto"))
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs: Any):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)

@@ -121,3 +121,21 @@ def test_neu_seg_batch_shapes_and_mask_values(real_data_root):
     for i, path in enumerate(batch["path"]):
         raw = cv2.imread(path.replace("/images/", "/annotations/").replace(".jpg", ".png"), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(batch["mask"][i, :200, :200].numpy(), raw)
+
+
+def test_magnetic_tile_crops_and_decode_cache_at_native_resolution(real_data_root, tmp_path):
+    """The recipe's data path on the real data: the decode cache holds exactly what decoding
+    gives, and defect-centred training crops show the image's defect class."""
+    dm = magnetic_tile(real_data_root, crop_size=160, defect_crop_fraction=1.0, augment=False,
+                       decode_cache=True, cache_dir=str(tmp_path), scale=0.75)
+    train = dm.make_dataset("train")
+    assert train.cache is not None and len(train.cache) == 1344
+    plain = magnetic_tile(real_data_root, decode_cache=False, scale=0.75, cache_dir=str(tmp_path)).make_dataset("train")
+    for index in range(0, len(train), 61):
+        cached, decoded = train.read(index), plain.read(index)
+        assert np.array_equal(cached[0], decoded[0]) and np.array_equal(cached[1], decoded[1])
+        sample = train.samples[index]
+        item = train[index]
+        assert item["image"].shape[-2:] == (160, 160)
+        if (cached[1] == sample.label).any():  # (a defect of a few pixels can vanish at scale 0.75)
+            assert (item["mask"] == sample.label).any(), sample.image

@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from defectseg.data import IGNORE_INDEX, Sample, SyntheticDefectsDataModule
-from defectseg.data.base import DefectDataset
 from defectseg.data.dli import (
     DefectInjector,
+    DLIDataset,
     DLIBatchSampler,
     DLIConfig,
     DonorTransform,
@@ -352,7 +352,7 @@ def test_loader_balances_batches_and_changes_masks_only_where_injected(channels)
     loader = dm.train_dataloader()
     sampler = loader.batch_sampler
     assert isinstance(sampler, DLIBatchSampler)
-    plain = DefectDataset(dm, dm.samples_of("train"), augment=None)
+    plain = dm.make_dataset("train", augment=False)
     margin = dm.dli_config.margin()
     low = (0 - np.array(dm.mean) * 255) / (np.array(dm.std) * 255)
     high = (255 - np.array(dm.mean) * 255) / (np.array(dm.std) * 255)
@@ -432,12 +432,13 @@ def test_dli_applies_to_the_labelled_stream_of_semi_supervised_training():
     assert "dli_counts" in batch["labeled"] and "dli_counts" not in batch["unlabeled"]
 
 
-def test_the_dataset_refuses_plan_items_without_an_injector():
+def test_plan_items_go_to_the_dli_wrapper_not_the_dataset():
     dm = dli_datamodule()
-    dataset = DefectDataset(dm, dm.samples_of("train"))
-    with pytest.raises(TypeError, match="injector"):
-        dataset[InjectionPlan(0, 1, 1, 0)]
-    dataset.injector = DefectInjector(dm.dli_config, dm.class_names)
+    plain = dm.make_dataset("train")
+    with pytest.raises(TypeError, match="DLIDataset"):
+        plain[InjectionPlan(0, 1, 1, 0)]
+    dataset = DLIDataset(plain, DefectInjector(dm.dli_config, dm.class_names))
+    assert dataset.samples is plain.samples and len(dataset) == len(plain)
     item = dataset[InjectionPlan(0)]
     assert item["dli_injected"] is False and item["dli_counts"].shape == (2, K)
     # workers started with "spawn" (macOS, Windows) receive a pickled copy
@@ -619,7 +620,7 @@ def test_real_magnetic_tile_batches_are_balanced(real_data_root):
     loader = dm.train_dataloader()
     sampler = loader.batch_sampler
     assert sampler.eligible == [1, 2, 3, 4, 5]
-    plain = DefectDataset(dm, dm.samples_of("train"), augment=None)
+    plain = dm.make_dataset("train", augment=False)
     for number, (plans, batch) in enumerate(zip(sampler, loader)):
         if number == 3:
             break

@@ -561,10 +561,16 @@ def test_channels_last_option():
         weight = module.uaps_net.encoder.conv1.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         torch.testing.assert_close(module(image), before, rtol=1e-4, atol=1e-5)
+        formats = []
+        module.uaps_net.encoder.register_forward_pre_hook(
+            lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        torch.testing.assert_close(module.forward_all(image, perturb=False)[0], before, rtol=1e-4, atol=1e-5)
+        assert formats == [True], "forward_all (training) runs in channels_last too"
         assert module.configure_memory_format("mps") is False  # auto: off elsewhere
         assert module.uaps_net.encoder.conv1.weight.is_contiguous()
     off = UAPSModule(num_classes=3, channels_last="false", **TINY)
-    assert off.hparams.channels_last is False and off.configure_memory_format("cpu") is False
+    assert off.configure_memory_format("cpu") is False
     with pytest.raises(ValueError, match="channels_last must be 'auto', true or false"):
         UAPSModule(channels_last="yes", **TINY)
 

@@ -101,7 +101,7 @@ class PredictionWriter(BasePredictionWriter):
             valid = tuple(int(v) for v in batch["valid_size"][i])
             mask = restore_size(prediction["mask"][i].cpu().numpy().astype(np.uint8), valid, orig)
             if os.path.isfile(path):
-                from defectseg.data.base import read_image
+                from defectseg.data.io import read_image
 
                 image = read_image(path)
             else:

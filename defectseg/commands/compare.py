@@ -87,7 +87,7 @@ def compare_command(argv: list[str]) -> int:
         GridError,
         RunFailedError,
     )
-    from defectseg.experiments.results import write_reports
+    from defectseg.experiments.plots import write_reports
     from defectseg.experiments.runner import PLAN_FILE, _read_json
 
     parser = build_parser()

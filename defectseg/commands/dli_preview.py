@@ -14,7 +14,7 @@ import numpy as np
 
 from defectseg.cli import register_command
 from defectseg.commands.common import config_parser, load_datamodule
-from defectseg.data.base import DefectDataModule, DefectDataset
+from defectseg.data.base import DefectDataModule
 from defectseg.data.dli import DefectInjector, DLIBatchSampler, DLIConfig, InjectionPlan
 from defectseg.utils.visualize import palette
 
@@ -80,7 +80,7 @@ def render_preview(
     if num < 1 or columns < 1 or tile < 32:
         raise ValueError(f"need num >= 1, columns >= 1 and tile >= 32; got {num}, {columns}, {tile}")
     config = config or datamodule.dli_config or DLIConfig()
-    dataset = DefectDataset(datamodule, datamodule.samples_of("train"), augment=None)
+    dataset = datamodule.make_dataset("train", augment=False)  # crops as in training, no augmentation
     class_names = list(datamodule.class_names)
     sampler = DLIBatchSampler(
         dataset.samples, datamodule.batch_size, datamodule.num_classes, config,
@@ -98,7 +98,7 @@ def render_preview(
     triplets = []
     for plan in plans:
         target, target_mask, _, _ = dataset.load(plan.index)
-        donor, donor_mask, _, _ = dataset.load(plan.donor)
+        donor, donor_mask, _, _ = dataset.load(plan.donor, crop=False)
         image, _, result = injector.apply(dataset, plan, target, target_mask)
         colour = tuple(int(v) for v in colours[plan.label])
         name = class_names[plan.label]

@@ -9,8 +9,12 @@ A format (Magnetic Tile, NEU-Seg, a user's folder, the synthetic generator...) s
 * :meth:`DefectDataModule.load_sample`: decode one sample into a ``uint8`` image and an
   integer mask (``0`` background, ``1..K`` classes, ``255`` ignore).
 
-Everything else -- splits, the size policy, channels, augmentation, normalisation, statistics,
-loaders -- lives here, so every format behaves the same.
+Everything else -- splits, the size policy, scale and crops, channels, augmentation,
+normalisation, the decode cache, statistics, loaders -- is shared, so every format behaves the
+same. The datamodule only holds settings and metadata; the work is done one level down:
+:mod:`~defectseg.data.records` (samples, splits), :mod:`~defectseg.data.dataset` (items),
+:mod:`~defectseg.data.cache` (decoded arrays), :mod:`~defectseg.data.streams` (the training
+stream: plain, DLI, semi-supervised) and :mod:`~defectseg.data.io` (files).
 """
 
 from __future__ import annotations
@@ -19,22 +23,45 @@ import hashlib
 import json
 import os
 import warnings
-from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from defectseg.data.contract import IGNORE_INDEX, collate_batch, default_normalization, round_up
-from defectseg.data.semi import SemiSupervisedMixin
+from defectseg.data import streams
+from defectseg.data.cache import DecodeCache, estimated_bytes
+from defectseg.data.contract import default_normalization
+from defectseg.data.dataset import (
+    CallableLoader,
+    DatasetSettings,
+    DefectDataset,
+    UnlabeledDataset,
+    as_size,
+    build_augmentation,
+)
+from defectseg.data.dli import DLIConfig
+from defectseg.data.io import parallel_map, read_image, read_mask, to_channels
+from defectseg.data.records import SPLITS, Sample, count_pixels, stratified_split
+from defectseg.data.semi import SemiSupervisedPool
 
-SPLITS = ("train", "val", "test")
+# re-exported: the names users imported from here before the data layer was split
+__all__ = [
+    "SPLITS",
+    "DatasetNotFoundError",
+    "DefectDataModule",
+    "DefectDataset",
+    "Sample",
+    "build_augmentation",
+    "count_pixels",
+    "default_data_root",
+    "read_image",
+    "read_mask",
+    "stratified_split",
+    "to_channels",
+]
 
 
 def default_data_root() -> str:
@@ -46,365 +73,7 @@ class DatasetNotFoundError(FileNotFoundError):
     """Raised when a dataset's root folder, or the layout expected inside it, is missing."""
 
 
-@dataclass
-class Sample:
-    """Metadata of one image, known without decoding it (after the first scan).
-
-    Attributes:
-        image: path of the image file (or an identifier for generated images).
-        mask: path of the mask file, ``None`` when the format has no mask file for this image
-            (a defect-free image, or masks stored elsewhere, e.g. run-length encoded).
-        label: class index given by the folder the image sits in, for formats whose masks are
-            binary (Magnetic Tile, DAGM); ``None`` when mask values are the classes.
-        pixel_counts: number of pixels of each defect class ``1..K`` (absent = 0).
-        num_pixels: pixels in the image (height x width as stored).
-        split: the official split (``train``, ``val`` or ``test``), if the dataset has one.
-        group: samples sharing a group are kept on the same side of every split (duplicates,
-            rotations of one scene).
-        extra: format-specific data needed to load the sample.
-    """
-
-    image: str
-    mask: str | None = None
-    label: int | None = None
-    pixel_counts: dict[int, int] = field(default_factory=dict)
-    num_pixels: int = 0
-    split: str | None = None
-    group: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def classes(self) -> tuple[int, ...]:
-        """Defect classes present in the image, sorted."""
-        return tuple(sorted(k for k, v in self.pixel_counts.items() if v > 0))
-
-    @property
-    def defect_free(self) -> bool:
-        """True when the image holds no defect pixel."""
-        return not self.classes
-
-    @property
-    def primary_class(self) -> int:
-        """The defect class covering most pixels, or 0 for a defect-free image."""
-        present = {k: v for k, v in self.pixel_counts.items() if v > 0}
-        return max(present, key=lambda k: (present[k], -k)) if present else 0
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["pixel_counts"] = {str(k): int(v) for k, v in self.pixel_counts.items()}
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Sample:
-        data = dict(data)
-        data["pixel_counts"] = {int(k): int(v) for k, v in data.get("pixel_counts", {}).items()}
-        return cls(**data)
-
-
-def count_pixels(mask: np.ndarray, num_classes: int) -> dict[int, int]:
-    """Pixels of each defect class ``1..num_classes-1`` in ``mask`` (classes with 0 omitted)."""
-    counts = np.bincount(mask[mask != IGNORE_INDEX].ravel().astype(np.int64), minlength=num_classes)
-    return {k: int(counts[k]) for k in range(1, min(len(counts), num_classes)) if counts[k] > 0}
-
-
-def _decode_file(path: str, flags: int) -> np.ndarray:
-    """Decode ``path`` with OpenCV as stored, raising errors that name the file."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot open {path}: {err}") from err
-    image = cv2.imdecode(data, flags) if data.size else None
-    if image is None:
-        raise ValueError(f"cannot decode {path}: the file is empty, corrupt or not an image")
-    return image
-
-
-def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
-    """Decode an image file with OpenCV, raising a clear error for unreadable files.
-
-    Returns ``uint8`` arrays: ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour.
-    """
-    path = str(path)
-    image = _decode_file(path, flags)
-    if image.dtype == np.uint16:
-        image = (image / 257.0).round().astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise ValueError(f"{path}: unsupported pixel type {image.dtype}; expected 8 or 16 bit")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[..., 0]
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    elif image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    return image
-
-
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Decode a mask file into a 2-D ``uint8`` array (a colour mask is read as grayscale).
-
-    Values are kept as stored (no rescaling): 16-bit masks keep their values when they fit in
-    0..255 (label images saved as 16 bit), 0/65535 masks become 0/255, other 16-bit masks raise
-    a ``ValueError``. A colour mask must have equal channels (the alpha channel is dropped).
-    """
-    path = str(path)
-    mask = _decode_file(path, cv2.IMREAD_UNCHANGED)
-    if mask.dtype == np.uint16:
-        high = int(mask.max())
-        if high > 255 and not np.isin(mask, (0, 65535)).all():
-            raise ValueError(
-                f"mask {path} is 16 bit with values up to {high}; masks must hold values 0..255 "
-                "(class indices, or 0/255)"
-            )
-        mask = (mask // 257 if high > 255 else mask).astype(np.uint8)
-    elif mask.dtype != np.uint8:
-        raise ValueError(f"mask {path}: unsupported pixel type {mask.dtype}; expected 8 or 16 bit")
-    if mask.ndim == 3:
-        mask = mask[..., :3]
-        if np.all(mask == mask[..., :1]):
-            mask = mask[..., 0]
-        else:
-            raise ValueError(
-                f"mask {path} is a colour image with differing channels; masks must hold class "
-                "indices (or 0/255) in a single channel"
-            )
-    return mask
-
-
-def build_augmentation(spec: bool | Sequence[dict[str, Any]] | None):
-    """Build an albumentations pipeline.
-
-    Args:
-        spec: ``True`` for the defaults (flips, rotation within 10 degrees, brightness and
-            contrast; no blur, defects are tiny), ``False``/``None`` for none, or a list of
-            ``{"name": <albumentations transform>, **kwargs}`` dictionaries (from YAML).
-    """
-    import albumentations as A
-
-    if spec is None or spec is False:
-        return None
-    if spec is True:
-        transforms = [
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.Rotate(
-                limit=10,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=IGNORE_INDEX,
-                p=0.3,
-            ),
-            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
-        ]
-        return A.Compose(transforms)
-    transforms = []
-    for item in spec:
-        item = dict(item)
-        name = item.pop("name", None)
-        if not name or not hasattr(A, name):
-            raise ValueError(
-                f"augmentation entry {item!r} needs 'name' set to an albumentations transform "
-                f"(for example HorizontalFlip); got name={name!r}"
-            )
-        transforms.append(getattr(A, name)(**item))
-    return A.Compose(transforms)
-
-
-class DefectDataset(Dataset):
-    """Map-style dataset over :class:`Sample` records of a :class:`DefectDataModule`.
-
-    Each item follows the batch contract (:mod:`defectseg.data.contract`) before collation.
-
-    Besides integer indices, ``__getitem__`` accepts plan items (anything with an ``index``
-    attribute, such as :class:`defectseg.data.dli.InjectionPlan` from a class-balancing batch
-    sampler); they are handed to :attr:`injector`, which loads, injects and finishes the item.
-    """
-
-    #: ``(dataset, plan_item) -> item`` hook for plan items (set by the DLI training loader).
-    injector: Callable[[DefectDataset, Any], dict[str, Any]] | None = None
-
-    def __init__(
-        self,
-        datamodule: DefectDataModule,
-        samples: Sequence[Sample],
-        augment: Callable | None = None,
-    ) -> None:
-        self.loader = datamodule.sample_loader()
-        self.samples = list(samples)
-        self.augment = augment
-        self.num_classes = datamodule.num_classes
-        self.channels = datamodule.channels
-        self.size_policy = datamodule.size_policy
-        self.image_size = datamodule.image_size
-        self.pad_multiple = datamodule.pad_multiple
-        self.mean = np.asarray(datamodule.mean, dtype=np.float32) * 255.0
-        self.std = np.asarray(datamodule.std, dtype=np.float32) * 255.0
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, Sample, tuple[int, int]]:
-        """Decode sample ``index`` and apply the channel and size policy.
-
-        Returns ``(image uint8 (H, W, C), mask int64 (H, W), sample, original (H, W))``.
-        """
-        sample = self.samples[index]
-        image, mask = self.loader(sample)
-        if mask.shape != image.shape[:2]:
-            raise ValueError(
-                f"mask {sample.mask} has size {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                f"{sample.image} is {image.shape[1]}x{image.shape[0]}; masks must match their image"
-            )
-        mask = mask.astype(np.int64)
-        bad = np.setdiff1d(np.unique(mask), [*range(self.num_classes), IGNORE_INDEX])
-        if bad.size:
-            raise ValueError(
-                f"mask of {sample.image} holds values {bad.tolist()} outside 0..{self.num_classes - 1} "
-                f"and {IGNORE_INDEX}; check the dataset's class mapping"
-            )
-        original = (int(image.shape[0]), int(image.shape[1]))
-        image = to_channels(image, self.channels)
-        if self.size_policy == "resize" and self.image_size is not None:
-            height, width = self.image_size
-            if (image.shape[0], image.shape[1]) != (height, width):
-                image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-                if image.ndim == 2:
-                    image = image[..., None]
-                mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
-                mask = mask.astype(np.int64)
-        return image, mask, sample, original
-
-    def finish(
-        self, image: np.ndarray, mask: np.ndarray, sample: Sample, original: tuple[int, int]
-    ) -> dict[str, Any]:
-        """Augment, normalise and pad a decoded sample into a contract item."""
-        if self.augment is not None:
-            if hasattr(self.augment, "set_random_seed"):
-                # albumentations 2 pipelines draw from their own generator, which seed_everything
-                # does not reach: seed it from torch's, which Lightning and the DataLoader seed
-                self.augment.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-            out = self.augment(image=image, mask=mask.astype(np.uint8))
-            image, mask = out["image"], out["mask"].astype(np.int64)
-            if image.ndim == 2:
-                image = image[..., None]
-        valid = (int(image.shape[0]), int(image.shape[1]))
-        tensor = (image.astype(np.float32) - self.mean) / self.std
-        image_t = torch.from_numpy(np.ascontiguousarray(tensor.transpose(2, 0, 1)))
-        mask_t = torch.from_numpy(np.ascontiguousarray(mask)).long()
-        if self.pad_multiple > 1:
-            pad_h = round_up(valid[0], self.pad_multiple) - valid[0]
-            pad_w = round_up(valid[1], self.pad_multiple) - valid[1]
-            if pad_h or pad_w:
-                image_t = torch.nn.functional.pad(image_t, (0, pad_w, 0, pad_h), value=0.0)
-                mask_t = torch.nn.functional.pad(mask_t, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        labelled = mask_t[mask_t != IGNORE_INDEX]
-        return {
-            "image": image_t,
-            "mask": mask_t,
-            "defect_free": bool((labelled == 0).all()),
-            "path": sample.image,
-            "orig_size": original,
-            "valid_size": valid,
-        }
-
-    def __getitem__(self, index: int | Any) -> dict[str, Any]:
-        if not isinstance(index, (int, np.integer)):
-            if self.injector is None:
-                raise TypeError(
-                    f"{type(self).__name__} got the plan item {index!r} but has no injector; plan "
-                    "items come from a DLI batch sampler, whose loader sets dataset.injector"
-                )
-            return self.injector(self, index)
-        return self.finish(*self.load(index))
-
-
-def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """Return ``image`` as ``(H, W, channels)`` ``uint8``: gray repeated to 3, or RGB to gray."""
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[2] == channels:
-        return image
-    if channels == 3 and image.shape[2] == 1:
-        return np.repeat(image, 3, axis=2)
-    if channels == 1 and image.shape[2] == 3:
-        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
-    raise ValueError(f"cannot convert an image with {image.shape[2]} channels to {channels}")
-
-
-class _SampleLoader:
-    """Picklable callable handed to DataLoader workers: ``sample -> (image, mask)``."""
-
-    def __init__(self, load: Callable[[Sample], tuple[np.ndarray, np.ndarray]]) -> None:
-        self.load = load
-
-    def __call__(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        return self.load(sample)
-
-
-def stratified_split(
-    samples: Sequence[Sample],
-    fractions: dict[str, float],
-    seed: int,
-) -> dict[str, list[int]]:
-    """Split sample indices into named parts, stratified by primary defect class.
-
-    Samples that share a :attr:`Sample.group` always land in the same part. The remainder
-    after the given fractions goes to ``train``.
-
-    Args:
-        samples: the records to split.
-        fractions: share of each part other than ``train`` (e.g. ``{"val": .15, "test": .15}``).
-        seed: seed of the shuffle, so the split is reproducible.
-
-    Returns:
-        A dict from part name (``train`` and the keys of ``fractions``) to sorted indices.
-    """
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, sample in enumerate(samples):
-        groups[sample.group if sample.group is not None else f"#{index}"].append(index)
-    by_class: dict[int, list[str]] = defaultdict(list)
-    for key, members in groups.items():
-        labels = Counter(samples[i].primary_class for i in members)
-        by_class[max(labels, key=lambda c: (labels[c], c))].append(key)
-    rng = np.random.default_rng(seed)
-    labels = sorted(by_class)
-    keys_of = {}
-    for label in labels:
-        keys = sorted(by_class[label])
-        rng.shuffle(keys)
-        keys_of[label] = keys
-    sizes = {label: len(keys_of[label]) for label in labels}
-    total = sum(sizes.values())
-    # largest-remainder allocation: each part gets round(total * fraction) groups overall,
-    # shared among classes in proportion to their size; every class keeps one group for training
-    quota: dict[str, dict[int, int]] = {}
-    left = {label: max(0, sizes[label] - 1) for label in labels}
-    for name, fraction in fractions.items():
-        exact = {label: sizes[label] * fraction for label in labels}
-        counts = {label: min(int(np.floor(exact[label])), left[label]) for label in labels}
-        remainder = int(round(total * fraction)) - sum(counts.values())
-        order = sorted(labels, key=lambda c: (-(exact[c] - np.floor(exact[c])), -sizes[c], c))
-        for label in order:
-            if remainder <= 0:
-                break
-            if counts[label] < left[label]:
-                counts[label] += 1
-                remainder -= 1
-        for label in labels:
-            left[label] -= counts[label]
-        quota[name] = counts
-    parts: dict[str, list[int]] = {"train": [], **{name: [] for name in fractions}}
-    for label in labels:
-        start = 0
-        for name in fractions:
-            for key in keys_of[label][start : start + quota[name][label]]:
-                parts[name].extend(groups[key])
-            start += quota[name][label]
-        for key in keys_of[label][start:]:
-            parts["train"].extend(groups[key])
-    return {name: sorted(indices) for name, indices in parts.items()}
-
-
-class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
+class DefectDataModule(L.LightningDataModule):
     """Base class of every defectseg datamodule.
 
     Args:
@@ -448,6 +117,20 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
             ``None``/``false`` off, ``true`` for the defaults, or a mapping of
             :class:`~defectseg.data.dli.DLIConfig` settings (``p_poisson``, ``placement``,
             ``transform``, ...). Under DDP it needs ``trainer.use_distributed_sampler: false``.
+            With ``crop_size`` the defect is injected into the training crop.
+        scale: fixed down-scale factor applied to every image and mask after decoding (e.g.
+            ``0.5``), before crops; validation, test and the metrics then work at that scale.
+            Not combined with ``size_policy: resize``.
+        crop_size: train-time random crops of this size (an int for a square, or ``(height,
+            width)``), cut at native resolution (after ``scale``); an image smaller than the
+            crop is padded with ignored pixels. Validation and test keep whole images.
+        defect_crop_fraction: share of the training crops centred on a random defect pixel (of
+            a random class present in the image); the rest are uniform over the image.
+        decode_cache: keep every decoded (and scaled) image and mask in one memory-mapped file
+            under ``cache_dir``, shared by all DataLoader workers, so no epoch decodes a file
+            again: ``auto`` (when the decoded dataset fits ``decode_cache_max_gb``), ``true`` or
+            ``false``.
+        decode_cache_max_gb: the size limit of ``decode_cache: auto``.
     """
 
     #: Class names, background first. Formats with fixed classes set this.
@@ -488,6 +171,11 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
         unlabeled_dirs: list[str] | None = None,
         unlabeled_batch_size: int | None = None,
         dli: bool | dict[str, Any] | None = None,
+        scale: float | None = None,
+        crop_size: int | tuple[int, int] | None = None,
+        defect_crop_fraction: float = 0.5,
+        decode_cache: Literal["auto"] | bool = "auto",
+        decode_cache_max_gb: float = 2.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -504,6 +192,17 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
             raise ValueError(f"size_policy must be 'pad' or 'resize', got {size_policy!r}")
         if size_policy == "resize" and image_size is None:
             raise ValueError("size_policy='resize' needs image_size, e.g. image_size: 256")
+        if scale is not None and not 0.0 < float(scale) <= 1.0:
+            raise ValueError(f"scale must be a down-scale factor in (0, 1] such as 0.5, got {scale}")
+        if scale not in (None, 1, 1.0) and size_policy == "resize":
+            raise ValueError(
+                f"scale={scale} and size_policy='resize' both set the size; use one (scale keeps the "
+                "aspect ratio, resize sets image_size)"
+            )
+        if not 0.0 <= float(defect_crop_fraction) <= 1.0:
+            raise ValueError(f"defect_crop_fraction must be in [0, 1], got {defect_crop_fraction}")
+        if decode_cache not in ("auto", True, False):
+            raise ValueError(f"decode_cache must be 'auto', true or false, got {decode_cache!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if split not in (None, "official", "stratified") and not self._accepts_split(split):
@@ -535,15 +234,17 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
         self.on_missing = on_missing
         self.cache_dir = cache_dir
         self.pin_memory = pin_memory
+        self.scale = float(scale) if scale not in (None, 1, 1.0) else None
+        self.crop_size = as_size(crop_size, "crop_size")
+        self.defect_crop_fraction = float(defect_crop_fraction)
+        self.decode_cache = decode_cache
+        self.decode_cache_max_gb = float(decode_cache_max_gb)
+        self._decode_cache: DecodeCache | None = None
         self._metadata: list[Sample] | None = None
         self._splits: dict[str, list[int]] | None = None
-        from defectseg.data.dli import DLIConfig
-
         self.dli = dli
         self.dli_config = DLIConfig.from_spec(dli)
-        self.configure_semi_supervised(
-            labeled_fraction, num_labeled, labeled_seed, unlabeled_dirs, unlabeled_batch_size
-        )
+        self.semi = SemiSupervisedPool(labeled_fraction, num_labeled, labeled_seed, unlabeled_dirs, unlabeled_batch_size)
 
     # ------------------------------------------------------------------ format hooks
     def _accepts_split(self, split: str) -> bool:
@@ -577,7 +278,7 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
 
     def sample_loader(self) -> Callable[[Sample], tuple[np.ndarray, np.ndarray]]:
         """The picklable ``sample -> (image, mask)`` function used in DataLoader workers."""
-        return _SampleLoader(self.load_sample)
+        return CallableLoader(self.load_sample)
 
     def scan_params(self) -> dict[str, Any]:
         """Parameters that change the scan's result; part of the metadata cache key."""
@@ -596,8 +297,12 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
             )
         return Path(self.root)
 
-    def _cache_path(self) -> Path:
+    def cache_folder(self) -> Path:
+        """``cache_dir``, else ``$DEFECTSEG_CACHE_DIR``, else ``~/.cache/defectseg``."""
         base = self.cache_dir or os.environ.get("DEFECTSEG_CACHE_DIR") or "~/.cache/defectseg"
+        return Path(os.path.expanduser(base))
+
+    def _cache_path(self) -> Path:
         listing = []
         if self.root is not None and os.path.isdir(self.root):
             for dirpath, _, files in os.walk(self.root):
@@ -614,7 +319,7 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
             "version": 1,
         }
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-        return Path(os.path.expanduser(base)) / f"{type(self).__name__.lower()}-{digest[:16]}.json"
+        return self.cache_folder() / f"{type(self).__name__.lower()}-{digest[:16]}.json"
 
     @property
     def metadata(self) -> list[Sample]:
@@ -692,7 +397,7 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         indices = self.split_indices()[split]
-        if split == "train" and self.semi_supervised:
+        if split == "train" and self.semi.enabled:
             indices = self.labeled_indices()  # the unlabelled rest never shows its masks
         samples = [self.metadata[i] for i in indices]
         if split == "train" and not self.train_defect_free:
@@ -745,43 +450,126 @@ class DefectDataModule(SemiSupervisedMixin, L.LightningDataModule):
             counts[0] += s.num_pixels - sum(s.pixel_counts.values())
         return (counts / max(counts.sum(), 1.0)).tolist()
 
-    # ------------------------------------------------------------------ loaders
-    def make_dataset(self, split: str) -> DefectDataset:
-        """The dataset of ``split``, with augmentation on the training split only."""
-        augment = build_augmentation(self.augment) if split == "train" else None
-        dataset = DefectDataset(self, self.samples_of(split), augment=augment)
-        dataset.split = split
-        return dataset
+    # ------------------------------------------------------------------ datasets
+    def dataset_settings(self, split: str = "train") -> DatasetSettings:
+        """The :class:`~defectseg.data.dataset.DatasetSettings` of ``split``'s dataset (crops on
+        the training split only)."""
+        train = split == "train"
+        return DatasetSettings(
+            num_classes=self.num_classes,
+            channels=self.channels,
+            mean=self.mean,
+            std=self.std,
+            size_policy=self.size_policy,
+            image_size=self.image_size,
+            pad_multiple=self.pad_multiple,
+            scale=self.scale,
+            crop_size=self.crop_size if train else None,
+            defect_crop_fraction=self.defect_crop_fraction if train else 0.0,
+        )
+
+    def make_dataset(self, split: str, augment: bool | None = None) -> DefectDataset:
+        """The dataset of ``split``. Augmentation is on for the training split only, unless
+        ``augment`` says otherwise (``False`` gives the training split unaugmented)."""
+        use_augment = split == "train" if augment is None else augment
+        return DefectDataset(
+            self.samples_of(split),
+            self.sample_loader(),
+            self.dataset_settings(split),
+            augment=build_augmentation(self.augment) if use_augment else None,
+            cache=self.decode_cache_for(),
+            split=split,
+        )
+
+    # ------------------------------------------------------------------ decode cache
+    def decode_cache_path(self) -> Path:
+        """The decode cache file of this dataset and its decoding settings."""
+        settings = {"channels": self.channels, "scale": self.scale, "size_policy": self.size_policy,
+                    "image_size": self.image_size, "num_classes": self.num_classes}
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return self._cache_path().with_name(f"{self._cache_path().stem}-decoded-{digest}.bin")
+
+    def use_decode_cache(self) -> bool:
+        """Whether ``decode_cache`` is on: ``auto`` when the format reads files whose scan is
+        cached and the decoded dataset fits ``decode_cache_max_gb``."""
+        if self.decode_cache is False or self.decode_cache is None:
+            return False
+        if self.decode_cache is True:
+            return True
+        if not self.CACHE_METADATA:
+            return False  # generated data: nothing to decode from disk
+        return estimated_bytes(self.metadata, self.channels, self.scale) <= self.decode_cache_max_gb * 1e9
+
+    def decode_cache_for(self) -> DecodeCache | None:
+        """The decode cache (built on first use), or ``None`` when it is off."""
+        if self._decode_cache is not None or not self.use_decode_cache():
+            return self._decode_cache
+        path = self.decode_cache_path()
+        cache = DecodeCache.open(path)
+        if cache is None or any(s not in cache for s in self.metadata):
+            decoder = DefectDataset([], self.sample_loader(), self.dataset_settings("val"))
+            try:
+                cache = DecodeCache.build(path, self.metadata, decoder.decode, map_function=parallel_map)
+            except OSError as err:
+                warnings.warn(
+                    f"could not write the decode cache {path}: {err}; decoding every epoch "
+                    "(set cache_dir to a writable folder, or decode_cache: false)",
+                    stacklevel=2,
+                )
+                self.decode_cache = False
+                return None
+        self._decode_cache = cache
+        return cache
 
     def setup(self, stage: str | None = None) -> None:
         self.split_indices()
 
-    def _loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> DataLoader:
-        if len(dataset) == 0:
-            split = getattr(dataset, "split", None) or "this"
-            raise ValueError(
-                f"{type(self).__name__}: the {split} split has no samples ({self.describe()}); with "
-                "a small dataset raise val_fraction/test_fraction, or set them to 0 and skip that stage"
-            )
-        return DataLoader(
-            dataset,
-            batch_size=kwargs.pop("batch_size", self.batch_size),
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_batch,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
+    # ------------------------------------------------------------------ semi-supervised
+    @property
+    def semi_supervised(self) -> bool:
+        """True when a labelled subset or unlabelled folders are configured."""
+        return self.semi.enabled
+
+    def labeled_indices(self) -> list[int]:
+        """Metadata indices of the labelled training images (the whole training split when only
+        ``unlabeled_dirs`` is set)."""
+        return list(self.semi.parts(self.metadata, self.split_indices()["train"], self.seed)[0])
+
+    def unlabeled_indices(self) -> list[int]:
+        """Metadata indices of the training images served without masks."""
+        return list(self.semi.parts(self.metadata, self.split_indices()["train"], self.seed)[1])
+
+    def unlabeled_samples(self) -> list[Sample]:
+        """The unlabelled pool: the rest of the training split, then the ``unlabeled_dirs`` images."""
+        held_out = [self.metadata[i] for split in ("val", "test") for i in self.split_indices().get(split, [])]
+        pool = [self.metadata[i] for i in self.unlabeled_indices()]
+        return self.semi.unlabeled_samples(pool, held_out, type(self).__name__)
+
+    def make_unlabeled_dataset(self) -> UnlabeledDataset:
+        """The unlabelled dataset, with the training crops and augmentation."""
+        return UnlabeledDataset(
+            self.unlabeled_samples(), self.sample_loader(), self.dataset_settings("train"),
+            augment=build_augmentation(self.augment),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if self.semi_supervised and not self._building_labeled_stream:
-            return self.semi_supervised_dataloader()  # builds the labelled stream by calling this
-        if self.dli_config is not None:  # class-balancing injection (issue 5)
-            from defectseg.data.dli import build_dli_loader
+    def unlabeled_dataloader(self) -> DataLoader:
+        """Shuffled loader of the unlabelled pool (:func:`defectseg.data.streams.unlabeled_loader`)."""
+        return streams.unlabeled_loader(self)
 
-            return build_dli_loader(self)
-        return self._loader(self.make_dataset("train"), shuffle=True, drop_last=False)
+    def describe_semi_supervised(self) -> str:
+        """``labeled: N, unlabeled: M (+F files)``, for logs."""
+        if not self.semi.enabled:
+            return "fully supervised"
+        return self.semi.describe(len(self.labeled_indices()), len(self.unlabeled_indices()))
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: Dataset, shuffle: bool, **kwargs: Any) -> DataLoader:
+        return streams.make_loader(self, dataset, shuffle, **kwargs)
+
+    def train_dataloader(self) -> Any:
+        """The training stream (:mod:`defectseg.data.streams`): plain, DLI, or labelled +
+        unlabelled."""
+        return streams.train_loader(self)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.make_dataset("val"), shuffle=False)

@@ -11,12 +11,23 @@ The published implementation injects serially on the main process inside the tra
 Here the work is split in two:
 
 * :class:`DLIBatchSampler` plans every batch in the main process from the per-image metadata
-  only (:attr:`~defectseg.data.base.Sample.pixel_counts`; nothing is decoded). It yields lists
+  only (:attr:`~defectseg.data.records.Sample.pixel_counts`; nothing is decoded). It yields lists
   of :class:`InjectionPlan` items, handles the DDP rank split itself and is deterministic given
   its seed and epoch.
-* :class:`DefectInjector` runs in the DataLoader workers: it loads the target and the donor
-  (after the channel and size policy, before augmentation, normalisation and padding), injects
-  and returns the contract item with two extra keys, ``dli_counts`` and ``dli_injected``.
+* :class:`DLIDataset` wraps the training :class:`~defectseg.data.dataset.DefectDataset` and
+  runs in the DataLoader workers: for each plan item its :class:`DefectInjector` loads the target
+  (with the training crop, if any) and the donor (whole), injects, then lets the dataset finish
+  the item (augmentation, normalisation, padding); the item has two extra keys, ``dli_counts``
+  and ``dli_injected``.
+
+With training crops (``crop_size``) the defect is injected into the **crop**, not into the
+whole image before cropping: a random crop of a whole image would often miss the injected
+defect, and the batch would no longer be balanced, which is DLI's purpose. The donor's defect is
+cut from the whole donor image (so a defect is never cut in half by the donor's crop); when it
+is larger than the target crop, the part that overlaps the crop is kept. Cloning into a crop is
+also cheaper than into a whole image.
+
+The datamodule builds the loader in :mod:`defectseg.data.streams`.
 
 Switch it on from YAML with a ``dli:`` block in the datamodule's ``init_args`` (see
 :class:`DLIConfig` and ``docs/dli.md``).
@@ -29,17 +40,16 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from defectseg.data.contract import collate_batch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from defectseg.data.base import DefectDataModule, DefectDataset, Sample
+from defectseg.data.dataset import DefectDataset
+from defectseg.data.records import Sample
 
 PLACEMENTS = ("donor", "random")
 CLONE_MODES = ("normal", "mixed")
@@ -315,7 +325,7 @@ class DLIBatchSampler(Sampler[list[InjectionPlan]]):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background and one defect class), got {num_classes}")
         if num_replicas is None or rank is None:
-            dist_world, dist_rank = _process_group()
+            dist_world, dist_rank = process_group()
             num_replicas = dist_world if num_replicas is None else num_replicas
             rank = dist_rank if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
@@ -447,7 +457,7 @@ class DLIBatchSampler(Sampler[list[InjectionPlan]]):
         return plans
 
 
-def _process_group() -> tuple[int, int]:
+def process_group() -> tuple[int, int]:
     """``(world_size, rank)`` of the initialised process group, else ``(1, 0)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -830,10 +840,10 @@ def presence(mask: np.ndarray | torch.Tensor, num_classes: int) -> np.ndarray:
 
 
 class DefectInjector:
-    """The DataLoader-worker half of DLI, installed as ``DefectDataset.injector``.
+    """The DataLoader-worker half of DLI, used by :class:`DLIDataset`.
 
     Called with a dataset and an :class:`InjectionPlan`, it loads the target (``load``: channel
-    and size policy), loads the donor the same way (its defect crop is cached per worker),
+    and size policy, training crop), loads the donor whole (its defect crop is cached per worker),
     injects, then runs the dataset's ``finish`` (augmentation, normalisation, padding). The item
     gets two extra keys: ``dli_counts``, an ``int64`` ``(2, K)`` tensor with the classes present
     before (row 0) and after (row 1) injection (column 0 flags a defect-free image), and
@@ -856,7 +866,7 @@ class DefectInjector:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        image, mask, _, _ = dataset.load(donor)
+        image, mask, _, _ = dataset.load(donor, crop=False)
         crop = extract_defect(image, mask, label, self.transforms[label], self.config.margin())
         if self.config.donor_cache > 0:
             self._cache[key] = crop
@@ -900,75 +910,30 @@ def collate_dli(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-# ---------------------------------------------------------------------------- the loader
-def distributed_context(datamodule: DefectDataModule) -> tuple[int, int]:
-    """``(world_size, rank)`` for the training loader, from the attached trainer if any.
+class DLIDataset(Dataset):
+    """A training dataset whose items are DLI plan items (composition: it wraps the dataset).
 
-    Raises:
-        RuntimeError: under a multi-process trainer with ``use_distributed_sampler=True``:
-            Lightning would then replace DLI's batch sampler.
-    """
-    trainer = getattr(datamodule, "trainer", None)
-    if trainer is not None:
-        world, rank = int(trainer.world_size), int(trainer.global_rank)
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if world > 1 and getattr(connector, "use_distributed_sampler", False):
-            raise RuntimeError(
-                "DLI splits the training batches across ranks itself, but the trainer has "
-                "use_distributed_sampler=True, which would replace its batch sampler. Set "
-                "trainer.use_distributed_sampler: false in the config (validation loaders then "
-                "run the whole split on every rank, which leaves the synced metrics unchanged)."
-            )
-        return world, rank
-    return _process_group()
-
-
-def build_dli_loader(
-    datamodule: DefectDataModule,
-    dataset: DefectDataset | None = None,
-    num_replicas: int | None = None,
-    rank: int | None = None,
-) -> DataLoader:
-    """The DLI training loader of ``datamodule`` (its ``dli_config`` must be set).
+    Indexed by the :class:`InjectionPlan` items of a :class:`DLIBatchSampler` (an integer index
+    serves the sample unchanged, with ``dli_counts`` too), it returns the wrapped dataset's
+    contract items with a defect injected as planned.
 
     Args:
-        datamodule: the datamodule; batch size, workers, seed and classes come from it.
-        dataset: the training dataset (``datamodule.make_dataset('train')`` if ``None``); its
-            ``injector`` is set.
-        num_replicas: ranks (default: from the trainer, else the process group, else 1).
-        rank: this rank (likewise).
+        dataset: the training dataset (crops and augmentation included).
+        injector: the worker half of DLI.
     """
-    config = getattr(datamodule, "dli_config", None) or DLIConfig()
-    if dataset is None:
-        dataset = datamodule.make_dataset("train")
-    if num_replicas is None or rank is None:
-        world, this_rank = distributed_context(datamodule)
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = this_rank if rank is None else rank
-    class_names = list(datamodule.class_names)
-    samples = list(dataset.samples)
-    if not any(s.defect_free for s in samples):
-        warnings.warn(
-            f"DLI: the training split of {type(datamodule).__name__} has no defect-free image to "
-            "inject into; batches are served as they are",
-            stacklevel=2,
-        )
-    sampler = DLIBatchSampler(
-        samples,
-        datamodule.batch_size,
-        datamodule.num_classes,
-        config,
-        seed=datamodule.seed,
-        num_replicas=num_replicas,
-        rank=rank,
-        class_names=class_names,
-    )
-    dataset.injector = DefectInjector(config, class_names)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=datamodule.num_workers,
-        collate_fn=collate_dli,
-        pin_memory=getattr(datamodule, "pin_memory", False),
-        persistent_workers=datamodule.num_workers > 0,
-    )
+
+    def __init__(self, dataset: DefectDataset, injector: DefectInjector) -> None:
+        self.dataset = dataset
+        self.injector = injector
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.dataset.samples
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, plan: InjectionPlan | int) -> dict[str, Any]:
+        if isinstance(plan, (int, np.integer)):
+            plan = InjectionPlan(int(plan))
+        return self.injector(self.dataset, plan)

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from defectseg.data.base import read_image
-from defectseg.data.files import parallel_map
+from defectseg.data.io import read_image
+from defectseg.data.io import parallel_map
 
 
 def thumbnail(path: str | os.PathLike, size: int = 64) -> np.ndarray:

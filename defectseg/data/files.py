@@ -11,63 +11,23 @@ small picklable :class:`FileSampleLoader`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from defectseg.data.base import (
-    DatasetNotFoundError,
-    DefectDataModule,
-    Sample,
-    count_pixels,
+from defectseg.data.base import DatasetNotFoundError, DefectDataModule
+from defectseg.data.contract import IGNORE_INDEX
+from defectseg.data.io import (  # noqa: F401  (list_image_files and friends: re-exported for formats)
+    IMAGE_EXTENSIONS,
+    image_size,
+    list_image_files,
+    parallel_map,
     read_image,
     read_mask,
+    scan_workers,
 )
-from defectseg.data.contract import IGNORE_INDEX
-
-#: File extensions read as images (compared case-insensitively).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def list_image_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Image files under ``folder``, sorted.
-
-    Dotfiles and dot-folders (``.DS_Store``, ``.ipynb_checkpoints``...) and files whose
-    extension is not in :data:`IMAGE_EXTENSIONS` are ignored.
-
-    Args:
-        folder: the folder to list; a missing folder gives an empty list.
-        recursive: descend into subfolders.
-    """
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image read from its header only (no decoding).
-
-    Raises:
-        ValueError: naming the file when it is empty, corrupt or not an image.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(f"cannot read {path}: the file is empty, corrupt or not an image ({err})") from err
-    return int(height), int(width)
+from defectseg.data.records import Sample, count_pixels
 
 
 def binarize(mask: np.ndarray, threshold: int = 127) -> np.ndarray:
@@ -162,19 +122,6 @@ class FileSampleLoader:
     def __call__(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         image = read_image(sample.image)
         return image, self.mask(sample, image.shape[:2])
-
-
-def scan_workers() -> int:
-    """Threads used to measure samples (file reads and PNG decoding release the GIL)."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def parallel_map(function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``[function(x) for x in items]`` in a thread pool; the first error (in order) is raised."""
-    if len(items) < 16:
-        return [function(item) for item in items]
-    with ThreadPoolExecutor(scan_workers()) as pool:
-        return list(pool.map(function, items))
 
 
 class FileDataModule(DefectDataModule):

@@ -12,8 +12,8 @@ from defectseg.experiments.results import (
     MetricInfo,
     load_rows,
     summary_markdown,
-    write_reports,
 )
+from defectseg.experiments.plots import write_reports
 from defectseg.experiments.runner import (
     CompareRunner,
     CompareSettings,

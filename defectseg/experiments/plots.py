@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from defectseg.experiments.results import METRICS, _number, aggregate, class_order
+from defectseg.experiments.results import METRICS, _number, aggregate, class_order, load_rows, summary_markdown, write_runs_csv
+
+if TYPE_CHECKING:  # pragma: no cover
+    from defectseg.experiments.runner import CompareSettings, PlannedRun
 
 
 def _figure(width: float, height: float):
@@ -102,3 +105,22 @@ def plot_miou_per_method(rows: Sequence[dict[str, Any]], path: Path, title: str 
     axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(configs) > 4 else -0.08))
     figure.savefig(path, bbox_inches="tight")
     return path
+
+
+def write_reports(
+    out: Path, plan: Sequence[PlannedRun], settings: CompareSettings | None, plan_data: dict[str, Any]
+) -> dict[str, Path]:
+    """Write ``runs.csv``, the plots and ``summary.md`` into ``out``; their paths."""
+    rows = load_rows(plan)
+    paths = {"runs": out / "runs.csv"}
+    write_runs_csv(rows, paths["runs"])
+    plots = []
+    finished = [r for r in rows if r.get("status") == "finished"]
+    if finished:
+        title = f"{plan_data.get('grid', '')} ({plan_data.get('mode', '')})"
+        paths["iou_per_class"] = plot_iou_per_class(finished, out / "iou_per_class.png", title)
+        paths["miou_per_method"] = plot_miou_per_method(finished, out / "miou_per_method.png", title)
+        plots = [p for p in (paths["iou_per_class"], paths["miou_per_method"]) if p is not None]
+    paths["summary"] = out / "summary.md"
+    paths["summary"].write_text(summary_markdown(rows, plan_data, plots))
+    return {k: v for k, v in paths.items() if v is not None}

@@ -260,24 +260,3 @@ def summary_markdown(rows: Sequence[dict[str, Any]], plan_data: dict[str, Any], 
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     lines += ["", "Per-run values: `runs.csv`; each run's config and logs: `runs/<configuration>/seed_<n>/`.", ""]
     return "\n".join(lines)
-
-
-def write_reports(
-    out: Path, plan: Sequence[PlannedRun], settings: CompareSettings | None, plan_data: dict[str, Any]
-) -> dict[str, Path]:
-    """Write ``runs.csv``, the plots and ``summary.md`` into ``out``; their paths."""
-    from defectseg.experiments.plots import plot_iou_per_class, plot_miou_per_method
-
-    rows = load_rows(plan)
-    paths = {"runs": out / "runs.csv"}
-    write_runs_csv(rows, paths["runs"])
-    plots = []
-    finished = [r for r in rows if r.get("status") == "finished"]
-    if finished:
-        title = f"{plan_data.get('grid', '')} ({plan_data.get('mode', '')})"
-        paths["iou_per_class"] = plot_iou_per_class(finished, out / "iou_per_class.png", title)
-        paths["miou_per_method"] = plot_miou_per_method(finished, out / "miou_per_method.png", title)
-        plots = [p for p in (paths["iou_per_class"], paths["miou_per_method"]) if p is not None]
-    paths["summary"] = out / "summary.md"
-    paths["summary"].write_text(summary_markdown(rows, plan_data, plots))
-    return {k: v for k, v in paths.items() if v is not None}

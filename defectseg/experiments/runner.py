@@ -746,7 +746,7 @@ class CompareRunner:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _run(self, plan: list[PlannedRun], argv: Sequence[str] | None) -> dict[str, Any]:
-        from defectseg.experiments.results import write_reports
+        from defectseg.experiments.plots import write_reports
 
         started = dt.datetime.now()
         clock = time.perf_counter()

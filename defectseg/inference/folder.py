@@ -29,12 +29,11 @@ import cv2
 import numpy as np
 
 from defectseg.callbacks.writer import existing_files, write_png
+from defectseg.data.io import IMAGE_EXTENSIONS
 from defectseg.inference.predictor import Prediction, Predictor
 from defectseg.inference.report import ReportWriter
 from defectseg.utils.visualize import overlay, palette
 
-#: File extensions picked from folders and glob patterns (case-insensitive).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
 _GLOB_CHARS = set("*?[")
 

@@ -23,7 +23,7 @@ import cv2
 import lightning as L
 import numpy as np
 
-from defectseg.data.base import read_image, to_channels
+from defectseg.data.io import read_image, to_channels
 from defectseg.data.contract import round_up
 from defectseg.inference.report import ImageReport, analyze, resolve_min_area
 from defectseg.inference.runtime import ModelInfo, load_backend, pad_images

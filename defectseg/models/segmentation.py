@@ -15,6 +15,13 @@ from defectseg.evaluation import DefectFreeFalsePositiveRate, GlobalDefectIoU, I
 from defectseg.losses import CombinedLoss, build_loss
 from defectseg.losses.statistics import class_statistics, modules_wanting_class_statistics
 from defectseg.metrics import SegmentationIoU, summarize_iou
+from defectseg.models.memory_format import (
+    ChannelsLast,
+    apply_memory_format,
+    check_channels_last,
+    resolve_channels_last,
+    to_memory_format,
+)
 from defectseg.models.networks import PadToMultiple, build_network, load_weights
 
 
@@ -52,6 +59,13 @@ class SegmentationModule(L.LightningModule):
         arch_kwargs: further arguments of the architecture.
         fp_min_area: smallest predicted defect area (pixels, at the tested resolution) that makes
             a defect-free test image a false positive in ``test/fp_rate_defect_free``.
+        channels_last: run the network in channels_last memory format: ``auto`` (on for CPU
+            and CUDA, where oneDNN and cuDNN have faster NHWC kernels, above all under bf16
+            autocast), ``true`` or ``false``.
+        eval_tile_size: validate and test with a sliding window of this tile size (an int or
+            ``(height, width)``), blended as :class:`~defectseg.inference.Predictor` does, so
+            the metrics describe what inference gives; ``None`` (default) runs whole images.
+        eval_tile_overlap: overlap of neighbouring tiles of the sliding window, in pixels.
     """
 
     def __init__(
@@ -76,6 +90,9 @@ class SegmentationModule(L.LightningModule):
         pad_multiple: int = 32,
         arch_kwargs: dict[str, Any] | None = None,
         fp_min_area: int = 1,
+        channels_last: ChannelsLast = "auto",
+        eval_tile_size: int | tuple[int, int] | None = None,
+        eval_tile_overlap: int = 32,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -84,6 +101,8 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(
                 f"class_names has {len(class_names)} names {list(class_names)} but num_classes={num_classes}"
             )
+        channels_last = check_channels_last(channels_last)
+        self._channels_last = False  # resolved for the trainer's device in setup()
         ignore = ["optimizer", "lr_scheduler"]
         if isinstance(loss, nn.Module):
             ignore.append("loss")
@@ -152,7 +171,14 @@ class SegmentationModule(L.LightningModule):
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes, H, W)`` for normalised images ``(B, C, H, W)`` of any size."""
-        return self.net(image)
+        return self.net(to_memory_format(image, self._channels_last))
+
+    def configure_memory_format(self, device: torch.device | str) -> bool:
+        """Put the network in channels_last when ``channels_last`` resolves to on for ``device``
+        (called by :meth:`setup` with the trainer's device, before the model moves there)."""
+        self._channels_last = resolve_channels_last(self.hparams.get("channels_last", "auto"), device)
+        apply_memory_format(self.net, self._channels_last)
+        return self._channels_last
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -170,6 +196,8 @@ class SegmentationModule(L.LightningModule):
                 f"{data_channels}-channel images; set them equal"
             )
         self.provide_class_statistics(datamodule, stage)
+        if self._trainer is not None:
+            self.configure_memory_format(self.trainer.strategy.root_device)
 
     def provide_class_statistics(self, datamodule: Any, stage: str) -> None:
         """Give the training split's class statistics to the losses that derive weights from them.
@@ -234,8 +262,41 @@ class SegmentationModule(L.LightningModule):
             injected = torch.as_tensor(batch["dli_injected"]).sum().item()
             self.log("train/dli/injected", float(injected), batch_size=batch_size)
 
+    def eval_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits of a validation/test batch: whole images, or with ``eval_tile_size`` a sliding
+        window over each image's valid region, tiled and blended as the
+        :class:`~defectseg.inference.Predictor` does (log of the blended probabilities)."""
+        images = batch["image"]
+        tile_size = self.hparams.get("eval_tile_size")
+        if not tile_size:
+            return self(images)
+        from defectseg.inference.tiling import TilePlan
+
+        height, width = images.shape[-2:]
+        sizes = batch.get("valid_size")
+        sizes = sizes.tolist() if sizes is not None else [(height, width)] * images.shape[0]
+        overlap = self.hparams.get("eval_tile_overlap", 32)
+        plans = [TilePlan(int(h), int(w), tile_size, overlap) for h, w in sizes]
+        if all(plan.single for plan in plans):
+            return self(images)  # one tile covers every image: exactly the whole-image pass
+        out = images.new_full((images.shape[0], self.num_classes, height, width), float("-inf"))
+        for index, ((valid_h, valid_w), plan) in enumerate(zip(sizes, plans)):
+            if plan.single:
+                out[index, :, :valid_h, :valid_w] = self(images[index : index + 1, :, :valid_h, :valid_w])[0].float()
+                continue
+            canvas = images.new_zeros((self.num_classes, valid_h, valid_w), dtype=torch.float32)
+            weight = images.new_zeros((valid_h, valid_w), dtype=torch.float32)
+            for tile in plan.tiles:
+                rows, cols = tile.slices
+                probs = self(images[index : index + 1, :, rows, cols])[0].float().softmax(dim=0)
+                tile_weight = torch.from_numpy(plan.weights(tile)).to(probs.device)
+                canvas[:, rows, cols] += probs * tile_weight
+                weight[rows, cols] += tile_weight
+            out[index, :, :valid_h, :valid_w] = (canvas / weight).clamp_min(1e-12).log()
+        return out.nan_to_num(neginf=0.0)  # the padding (ignored by loss and metrics)
+
     def _eval_step(self, batch: dict[str, Any], prefix: str, metric: SegmentationIoU) -> dict[str, Any]:
-        logits = self(batch["image"])
+        logits = self.eval_logits(batch)
         self.compute_loss(logits, batch["mask"], prefix)
         preds = logits.argmax(dim=1)
         metric.update(preds, batch["mask"])

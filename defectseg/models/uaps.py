@@ -51,13 +51,7 @@ from torch import nn
 
 from defectseg.data.contract import IGNORE_INDEX, check_batch
 from defectseg.losses import CombinedLoss, DiceLoss
-from defectseg.models.memory_format import (
-    ChannelsLast,
-    apply_memory_format,
-    check_channels_last,
-    resolve_channels_last,
-    to_memory_format,
-)
+from defectseg.models.memory_format import to_memory_format
 from defectseg.models.segmentation import SegmentationModule
 from defectseg.models.uaps_net import UAPSNet
 
@@ -255,8 +249,6 @@ class UAPSModule(SegmentationModule):
             network as one batch (one encoder pass; batch norm sees both); ``separate``: one
             pass each, so batch-norm statistics are not mixed, as in the reference. Images of
             different sizes always take separate passes.
-        channels_last: run the network in channels_last memory format: ``auto`` (on for CPU and
-            CUDA), ``true`` or ``false`` (see :mod:`defectseg.models.memory_format`).
         loss: supervised loss of every decoder: a registry name or weighted sum (default
             ``0.5 * ce + 0.5 * dice``), or a ``{class_path, init_args}`` dict of an
             ``nn.Module`` with the loss contract.
@@ -281,7 +273,6 @@ class UAPSModule(SegmentationModule):
         mixing_concentration: float = 1.0,
         detach_uncertainty_weight: bool = False,
         forward_passes: Literal["joint", "separate"] = "joint",
-        channels_last: ChannelsLast = "auto",
         loss: str | dict = "0.5 * ce + 0.5 * dice",
         **kwargs: Any,
     ) -> None:
@@ -302,7 +293,6 @@ class UAPSModule(SegmentationModule):
             raise ValueError(f"pseudo_loss must be one of {list(PSEUDO_LOSSES)}, got {pseudo_loss!r}")
         if forward_passes not in ("joint", "separate"):
             raise ValueError(f"forward_passes must be 'joint' or 'separate', got {forward_passes!r}")
-        channels_last = check_channels_last(channels_last)
         if isinstance(loss, dict) and "class_path" not in loss:
             raise ValueError(
                 f"a loss given as a dict needs a class_path (and optional init_args), got keys {sorted(loss)}; "
@@ -310,7 +300,6 @@ class UAPSModule(SegmentationModule):
             )
         super().__init__(loss=loss, **kwargs)
         self._rampup_length: int | None = rampup_steps
-        self._channels_last = False
 
     # ------------------------------------------------------------------ configuration
     def configure_network(self) -> nn.Module:
@@ -346,18 +335,6 @@ class UAPSModule(SegmentationModule):
             self.__dict__["_loss_spec"] = instantiate_class((), {"init_args": {}, **spec})
         super().configure_losses()
 
-    def configure_memory_format(self, device: torch.device | str | None = None) -> bool:
-        """Resolve ``channels_last`` for ``device`` (default: the module's) and convert the
-        network's weights to match; returns whether channels_last is on. Called by :meth:`setup`
-        with the trainer's device, before the strategy moves or wraps the model."""
-        self._channels_last = resolve_channels_last(self.hparams.channels_last, device or self.device)
-        apply_memory_format(self.net, self._channels_last)
-        return self._channels_last
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        self.configure_memory_format(self.trainer.strategy.root_device)
-
     @property
     def uaps_net(self) -> UAPSNet:
         """The unpadded :class:`UAPSNet`."""
@@ -369,12 +346,9 @@ class UAPSModule(SegmentationModule):
         return list(self.uaps_net.decoder_names)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Main-decoder logits ``(B, num_classes, H, W)`` for images of any size."""
-        return self.net(to_memory_format(image, self._channels_last))
-
     def forward_all(self, image: torch.Tensor, perturb: bool | None = None) -> list[torch.Tensor]:
-        """Logits of every decoder (main first) for images of any size (padded and cropped back).
+        """Logits of every decoder (main first) for images of any size (padded and cropped back),
+        in channels_last when the module's ``channels_last`` is on.
 
         Args:
             image: normalised images ``(B, C, H, W)``.

@@ -1,0 +1,161 @@
+"""The training stream: the one place that decides what a training batch is made of.
+
+A datamodule's ``train_dataloader()`` calls :func:`train_loader`, which picks one of three
+streams and builds its loader:
+
+* **plain**: the training :class:`~defectseg.data.dataset.DefectDataset`, shuffled;
+* **DLI** (``dli:`` set): the same dataset wrapped in a
+  :class:`~defectseg.data.dli.DLIDataset` and batched by a
+  :class:`~defectseg.data.dli.DLIBatchSampler` (class-balanced batches);
+* **semi-supervised** (``labeled_fraction``, ``num_labeled`` or ``unlabeled_dirs`` set): the
+  plain or DLI stream of the labelled subset beside the unlabelled pool, as a Lightning
+  ``CombinedLoader`` yielding ``{"labeled": batch, "unlabeled": batch}``.
+
+A batch's route only goes down: datamodule -> this module -> dataset (and DLI) -> io. The
+datamodule is only read here (batch size, workers, seed, trainer), never imported.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from defectseg.data.contract import collate_batch
+from defectseg.data.dataset import DefectDataset
+from defectseg.data.dli import DefectInjector, DLIBatchSampler, DLIConfig, DLIDataset, collate_dli, process_group
+
+
+def make_loader(datamodule: Any, dataset: Dataset, shuffle: bool, **kwargs: Any) -> DataLoader:
+    """A DataLoader over ``dataset`` with the datamodule's batch size, workers and pinning.
+
+    Raises:
+        ValueError: ``dataset`` is empty (naming the split and the datamodule's split sizes).
+    """
+    if len(dataset) == 0:
+        split = getattr(dataset, "split", None) or "this"
+        raise ValueError(
+            f"{type(datamodule).__name__}: the {split} split has no samples ({datamodule.describe()}); with "
+            "a small dataset raise val_fraction/test_fraction, or set them to 0 and skip that stage"
+        )
+    kwargs.setdefault("batch_size", datamodule.batch_size)
+    kwargs.setdefault("collate_fn", collate_batch)
+    return DataLoader(
+        dataset,
+        shuffle=shuffle,
+        num_workers=datamodule.num_workers,
+        pin_memory=getattr(datamodule, "pin_memory", False),
+        persistent_workers=datamodule.num_workers > 0,
+        **kwargs,
+    )
+
+
+def distributed_context(datamodule: Any) -> tuple[int, int]:
+    """``(world_size, rank)`` for the training loader, from the attached trainer if any.
+
+    Raises:
+        RuntimeError: DLI under a multi-process trainer with ``use_distributed_sampler=True``:
+            Lightning would then replace DLI's batch sampler.
+    """
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is not None:
+        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise RuntimeError(
+                "DLI splits the training batches across ranks itself, but the trainer has "
+                "use_distributed_sampler=True, which would replace its batch sampler. Set "
+                "trainer.use_distributed_sampler: false in the config (validation loaders then "
+                "run the whole split on every rank, which leaves the synced metrics unchanged)."
+            )
+        return world, rank
+    return process_group()
+
+
+def dli_loader(
+    datamodule: Any,
+    dataset: DefectDataset | None = None,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+) -> DataLoader:
+    """The DLI training loader of ``datamodule`` (class-balanced batches).
+
+    Args:
+        datamodule: batch size, workers, seed, classes and ``dli_config`` come from it.
+        dataset: the training dataset (``datamodule.make_dataset('train')`` if ``None``).
+        num_replicas: ranks (default: from the trainer, else the process group, else 1).
+        rank: this rank (likewise).
+    """
+    config = getattr(datamodule, "dli_config", None) or DLIConfig()
+    if dataset is None:
+        dataset = datamodule.make_dataset("train")
+    if num_replicas is None or rank is None:
+        world, this_rank = distributed_context(datamodule)
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+    class_names = list(datamodule.class_names)
+    if not any(s.defect_free for s in dataset.samples):
+        warnings.warn(
+            f"DLI: the training split of {type(datamodule).__name__} has no defect-free image to "
+            "inject into; batches are served as they are",
+            stacklevel=2,
+        )
+    sampler = DLIBatchSampler(
+        dataset.samples,
+        datamodule.batch_size,
+        datamodule.num_classes,
+        config,
+        seed=datamodule.seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        class_names=class_names,
+    )
+    return DataLoader(
+        DLIDataset(dataset, DefectInjector(config, class_names)),
+        batch_sampler=sampler,
+        num_workers=datamodule.num_workers,
+        collate_fn=collate_dli,
+        pin_memory=getattr(datamodule, "pin_memory", False),
+        persistent_workers=datamodule.num_workers > 0,
+    )
+
+
+def labeled_loader(datamodule: Any) -> DataLoader:
+    """The supervised stream: DLI batches when ``dli`` is set, else the shuffled training set."""
+    dataset = datamodule.make_dataset("train")
+    if getattr(datamodule, "dli_config", None) is not None:
+        return dli_loader(datamodule, dataset)
+    return make_loader(datamodule, dataset, shuffle=True, drop_last=False)
+
+
+def unlabeled_loader(datamodule: Any) -> DataLoader:
+    """Shuffled loader of the unlabelled pool, ``unlabeled_batch_size`` images a batch.
+
+    Under DDP (a trainer with ``world_size > 1``) each rank gets its own shard through a seeded
+    :class:`~torch.utils.data.DistributedSampler`, also when ``use_distributed_sampler`` is off
+    (as DLI needs for the labelled stream); Lightning sets its epoch.
+    """
+    dataset = datamodule.make_unlabeled_dataset()
+    trainer = getattr(datamodule, "trainer", None)
+    world_size = int(getattr(trainer, "world_size", 1) or 1)
+    kwargs: dict[str, Any] = {"shuffle": True}
+    if world_size > 1:
+        kwargs = {
+            "shuffle": False,
+            "sampler": DistributedSampler(
+                dataset, num_replicas=world_size, rank=int(trainer.global_rank), shuffle=True, seed=datamodule.seed
+            ),
+        }
+    batch_size = datamodule.semi.unlabeled_batch_size or datamodule.batch_size
+    return make_loader(datamodule, dataset, drop_last=False, batch_size=batch_size, **kwargs)
+
+
+def train_loader(datamodule: Any) -> Any:
+    """The training loader: plain, DLI, or labelled + unlabelled (see the module doc)."""
+    labeled = labeled_loader(datamodule)
+    if not datamodule.semi_supervised:
+        return labeled
+    from lightning.pytorch.utilities import CombinedLoader
+
+    return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled_loader(datamodule)}, mode="max_size_cycle")
