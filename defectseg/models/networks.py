@@ -143,19 +143,30 @@ class PadToMultiple(nn.Module):
         self.network = network
         self.multiple = multiple
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded at the bottom and right to multiples of ``multiple`` (unchanged if already)."""
         height, width = x.shape[-2:]
         pad_h = round_up(height, self.multiple) - height
         pad_w = round_up(width, self.multiple) - width
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        out = self.network(x)
-        if out.shape[-2:] != x.shape[-2:]:
-            # some architecture/depth pairs (e.g. FPN with encoder_depth 4) upsample by a fixed
-            # factor that does not return the input size: resample to it
-            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out[..., :height, :width]
+        return x
+
+    @staticmethod
+    def crop(out: torch.Tensor, padded_size: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+        """A network output for a padded input of ``padded_size`` cut back to ``size`` ``(H, W)``.
+
+        Some architecture/depth pairs (e.g. FPN with encoder_depth 4) upsample by a fixed factor
+        that does not return the input size: the output is resampled to ``padded_size`` first.
+        """
+        if tuple(out.shape[-2:]) != tuple(padded_size):
+            out = F.interpolate(out, size=tuple(padded_size), mode="bilinear", align_corners=False)
+        return out[..., : size[0], : size[1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = self.pad(x)
+        return self.crop(self.network(padded), padded.shape[-2:], x.shape[-2:])
 
 
 _PREFIXES = ("net.network.", "network.", "net.", "model.", "module.")
