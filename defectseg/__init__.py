@@ -15,7 +15,7 @@ The package is organised by concern:
 
 from typing import Any
 
-__version__ = "0.1.0"
+from defectseg.version import __version__
 
 __all__ = ["Predictor", "__version__"]
 

@@ -69,7 +69,17 @@ def main(args: Sequence[str] | None = None) -> int | None:
         _print_help()
         return 0 if argv else 2
     from defectseg.config import DefectSegCLI
+    from defectseg.models.networks import PretrainedWeightsError
 
-    # from the console LightningCLI reads sys.argv itself (given both, it warns on every run)
-    DefectSegCLI(args=None if args is None else argv)
+    try:
+        # from the console LightningCLI reads sys.argv itself (given both, it warns on every run)
+        DefectSegCLI(args=None if args is None else argv)
+    except Exception as err:
+        # offline pretrained weights: a short message, no traceback (jsonargparse wraps the error)
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, PretrainedWeightsError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise SystemExit(f"defectseg: {cause}") from None
     return 0

@@ -30,13 +30,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint
+from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint, WandbExtras
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
 from defectseg.utils.hardware import resolve_precision
+from defectseg.utils.help import DefectSegArgumentParser as PlainHelpParser
 
 # ---------------------------------------------------------------------------- plain dicts
 
@@ -184,8 +185,9 @@ def unknown_key_message(parser: Any, message: str) -> str | None:
     )
 
 
-class DefectSegArgumentParser(LightningArgumentParser):
-    """The LightningCLI parser with a one-paragraph error for an unknown key (exit code 2)."""
+class DefectSegArgumentParser(PlainHelpParser):
+    """The LightningCLI parser of every command: help without reST markup
+    (:mod:`defectseg.utils.help`) and a one-paragraph error for an unknown key (exit code 2)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         friendly = unknown_key_message(getattr(ex, "subcommand_parser", None) or self, message)
@@ -243,9 +245,11 @@ class DefectSegCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_on_exception": True,
             }
         )
         parser.add_lightning_class_args(LogValidationSamples, "image_logger")
+        parser.add_lightning_class_args(WandbExtras, "wandb")  # artifacts, IoU table, DLI charts
 
     def before_instantiate_classes(self) -> None:
         """Fall back from bf16 where the hardware lacks it (one warning, see
@@ -269,8 +273,18 @@ class DefectSegCLI(LightningCLI):
         return parser
 
     def _check_ckpt_path(self, subcommand: str) -> None:
-        """Stop with a clear message when ``--ckpt_path`` does not fit the configured model."""
+        """Resolve ``--ckpt_path best|last`` from the checkpoint folder (a new process knows no
+        best model) and stop with a clear message when it does not fit the configured model."""
         ckpt_path = self.config.get(subcommand, {}).get("ckpt_path")
+        if ckpt_path in ("best", "last"):
+            from defectseg.callbacks.checkpoint import resolve_checkpoint
+
+            folder = next((c.dirpath for c in self.trainer.checkpoint_callbacks if c.dirpath), None)
+            try:
+                ckpt_path = resolve_checkpoint(ckpt_path, folder)
+            except FileNotFoundError as err:
+                raise SystemExit(f"defectseg {subcommand}: {err}") from None
+            self.config[subcommand]["ckpt_path"] = self.config_init[subcommand]["ckpt_path"] = ckpt_path
         if not ckpt_path or not os.path.isfile(str(ckpt_path)):
             return
         from defectseg.inference.checkpoint import CheckpointError, check_checkpoint_matches

@@ -347,11 +347,13 @@ def test_infer_bad_inputs_give_clear_errors(tmp_path, ckpt):
     _write_images(folder)
     (folder / "b_broken.png").write_bytes(b"\x89PNG broken")
     out = tmp_path / "o2"
-    with pytest.raises(SystemExit, match=r"cannot decode .*b_broken.png.*--skip-unreadable"):
-        main(["infer", "--ckpt", str(ckpt), "--input", str(folder), "--output", str(out), "-q"])
-    assert not out.exists()  # partial outputs of the failed run were removed
-    assert main(["infer", "--ckpt", str(ckpt), "--input", str(folder), "--output", str(out), "-q",
-                 "--skip-unreadable"]) == 0
+    with pytest.raises(SystemExit, match=r"cannot decode .*b_broken.png.*kept.*--resume"):
+        main(["infer", "--ckpt", str(ckpt), "--input", str(folder), "--output", str(out), "-q", "--on-error", "raise"])
+    # what was written before the broken image is kept (a.png comes first)
+    assert (out / "a_mask.png").exists() and (out / "report.csv").exists()
+    # the default records the broken image and goes on, exiting 1 at the end
+    assert main(["infer", "--ckpt", str(ckpt), "--input", str(folder), "--output", str(tmp_path / "o2b"), "-q"]) == 1
+    out = tmp_path / "o2b"
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert len(rows) == 3
     broken = [r for r in rows if r["file"].endswith("b_broken.png")][0]

@@ -71,7 +71,8 @@ def test_fit_logs_per_class_metrics_and_reloads_identically(tmp_path):
     path = tmp_path / "model.ckpt"
     t.save_checkpoint(path)
     loaded = SegmentationModule.load_from_checkpoint(path, weights_only=True)
-    assert loaded.class_names == dm.class_names and loaded.hparams.mean is None
+    assert loaded.class_names == dm.class_names
+    assert loaded.hparams.mean == pytest.approx(list(dm.mean))  # recorded from the datamodule by setup()
     model.eval(), loaded.eval()
     x = torch.randn(2, 3, 40, 24)
     with torch.no_grad():

@@ -18,8 +18,10 @@ import yaml
 from defectseg.cli import DefectSegCLI
 from defectseg.data import SyntheticDefectsDataModule
 from defectseg.data.semi import labeled_split
+from defectseg.losses import DiceLoss, FocalLoss
 from defectseg.models import SegmentationModule, UAPSModule, UAPSNet, build_network, load_weights
 from defectseg.models.uaps import (
+    find_dice,
     kl_uncertainty,
     mix_pseudo_labels,
     rampup,
@@ -35,6 +37,7 @@ from defectseg.models.uaps_net import (
 )
 
 TINY = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_net(**kwargs) -> UAPSNet:
@@ -161,6 +164,12 @@ def test_rampup_values():
     assert rampup(80, 100) == pytest.approx(math.exp(-0.2))
     assert rampup(100, 100) == 1.0 and rampup(250, 100) == 1.0
     assert rampup(7, 0) == 1.0  # no ramp
+    # the reference's staircase: sigmoid_rampup(iteration // 80, 200) is rampup(iteration, 16000, 80)
+    assert rampup(79, 16000, 80) == pytest.approx(math.exp(-5))
+    assert rampup(80, 16000, 80) == pytest.approx(math.exp(-5 * (1 - 1 / 200) ** 2))
+    assert rampup(8079, 16000, 80) == pytest.approx(math.exp(-5 * (1 - 100 / 200) ** 2))
+    with pytest.raises(ValueError, match="rampup_interval"):
+        UAPSModule(rampup_interval=0, **TINY)
     module = UAPSModule(unsupervised_weight=0.4, rampup_steps=100, **TINY)
     assert module.current_unsupervised_weight() == pytest.approx(0.4 * math.exp(-5))  # global step 0
     assert UAPSModule(unsupervised_weight=0.0, **TINY).current_unsupervised_weight() == 0.0
@@ -208,7 +217,7 @@ def test_pseudo_labels_follow_the_mixture_and_carry_no_gradient():
     weights = torch.tensor([0.5, 0.3, 0.2])
     pseudo = mix_pseudo_labels([x.softmax(1) for x in logits], weights)
     assert not pseudo.requires_grad and pseudo.grad_fn is None
-    terms = uaps_unsupervised_loss(logits, weights, uncertainty_weight=0.7)
+    terms = uaps_unsupervised_loss(logits, weights, uncertainty_weight=0.7, pseudo_loss="pixelwise")
     assert not terms["pseudo_label"].requires_grad
     torch.testing.assert_close(terms["pseudo_label"], pseudo)
     grads = torch.autograd.grad(terms["loss"], logits)
@@ -226,14 +235,14 @@ def test_pseudo_labels_follow_the_mixture_and_carry_no_gradient():
         torch.testing.assert_close(got, want)
 
 
-def test_unsupervised_loss_value_by_hand_with_padding_excluded():
+def test_pixelwise_unsupervised_loss_value_by_hand_with_padding_excluded():
     # one image of 1x2 pixels, 2 decoders, 2 classes; the second pixel is padding
     probs = [np.array([[0.7, 0.1], [0.3, 0.9]]), np.array([[0.2, 0.5], [0.8, 0.5]])]  # (C, W) per decoder
     logits = [torch.tensor(np.log(p), dtype=torch.float32).view(1, 2, 1, 2) for p in probs]
     weights = torch.tensor([0.6, 0.4])
     valid = valid_pixels(torch.tensor([[1, 1]]), (1, 1, 2), torch.device("cpu"))
     assert valid.tolist() == [[[True, False]]]
-    terms = uaps_unsupervised_loss(logits, weights, valid=valid, uncertainty_weight=0.5)
+    terms = uaps_unsupervised_loss(logits, weights, valid=valid, uncertainty_weight=0.5, pseudo_loss="pixelwise")
     # pixel 0: mixture = 0.6 * (0.7, 0.3) + 0.4 * (0.2, 0.8) = (0.5, 0.5) -> tie -> class 0 (first max)
     mixture = 0.6 * probs[0][:, 0] + 0.4 * probs[1][:, 0]
     label = int(np.argmax(mixture))
@@ -243,9 +252,105 @@ def test_unsupervised_loss_value_by_hand_with_padding_excluded():
         u = float(np.sum(mean * np.log(mean / p[:, 0])))
         ce.append(math.exp(-u) * -math.log(p[label, 0]))
         unc.append(u)
-    assert terms["pseudo_ce"].item() == pytest.approx(np.mean(ce), rel=1e-5)
+    assert terms["pseudo"].item() == pytest.approx(np.mean(ce), rel=1e-5)
     assert terms["uncertainty"].item() == pytest.approx(np.mean(unc), rel=1e-5)
     assert terms["loss"].item() == pytest.approx(np.mean(ce) + 0.5 * np.mean(unc), rel=1e-5)
+
+
+def hand_ce(probs: np.ndarray, target: np.ndarray) -> float:
+    """Mean cross-entropy of per-pixel probabilities ``(C, N)`` against labels ``(N,)``."""
+    return float(np.mean([-math.log(probs[label, i]) for i, label in enumerate(target)]))
+
+
+def hand_dice(probs: np.ndarray, target: np.ndarray, smooth: float = 1.0, eps: float = 0.0) -> float:
+    """``1 - mean_c (2 I_c + smooth) / (P_c + T_c + smooth + eps)`` over all classes, by loops."""
+    scores = []
+    for c in range(probs.shape[0]):
+        inter = sum(probs[c, i] for i in range(len(target)) if target[i] == c)
+        card = sum(probs[c]) + sum(1 for t in target if t == c)
+        scores.append((2 * inter + smooth) / (card + smooth + eps))
+    return 1.0 - float(np.mean(scores))
+
+
+def as_logits(probs: np.ndarray, height: int, width: int) -> torch.Tensor:
+    return torch.tensor(np.log(probs), dtype=torch.float32).view(1, probs.shape[0], height, width)
+
+
+def test_default_supervised_loss_is_the_references_half_ce_plus_half_dice():
+    # 3 classes, one 2x2 image, probabilities per pixel (columns)
+    probs = np.array([[0.7, 0.1, 0.2, 0.3], [0.2, 0.3, 0.1, 0.6], [0.1, 0.6, 0.7, 0.1]])
+    target = np.array([0, 2, 2, 1])
+    logits, mask = as_logits(probs, 2, 2), torch.tensor(target).view(1, 2, 2)
+    module = UAPSModule(num_classes=3, **TINY)
+    assert module.hparams.loss == "0.5 * ce + 0.5 * dice" and module.hparams.pseudo_loss == "reference"
+    expected = 0.5 * hand_ce(probs, target) + 0.5 * hand_dice(probs, target, smooth=1.0)
+    assert module.loss_fn(logits, mask).item() == pytest.approx(expected, rel=1e-6)
+    # the presets' Dice (smooth 1e-7) is the reference's 1 - mean 2 I / (P + T + 1e-7)
+    preset = yaml.safe_load((REPO / "configs" / "model" / "uaps_neu_seg.yaml").read_text())["model"]["init_args"]
+    module = UAPSModule(num_classes=3, loss=preset["loss"], loss_kwargs=preset["loss_kwargs"], **TINY)
+    reference = 0.5 * (hand_ce(probs, target) + hand_dice(probs, target, smooth=0.0, eps=1e-7))
+    assert module.loss_fn(logits, mask).item() == pytest.approx(reference, rel=1e-6)
+
+
+def test_reference_pseudo_loss_by_hand_with_and_without_the_uncertainty_weight():
+    # 2 decoders, 2 classes, one 1x3 image
+    probs = [np.array([[0.7, 0.4, 0.2], [0.3, 0.6, 0.8]]), np.array([[0.6, 0.1, 0.45], [0.4, 0.9, 0.55]])]
+    logits = [as_logits(p, 1, 3) for p in probs]
+    weights = np.array([0.3, 0.7])
+    label = np.argmax(weights[0] * probs[0] + weights[1] * probs[1], axis=0)
+    mean = (probs[0] + probs[1]) / 2
+    u = [np.sum(mean * np.log(mean / p), axis=0) for p in probs]  # KL(mean || p_k) per pixel
+    terms_by_hand = [
+        0.5 * (hand_ce(p, label) + hand_dice(p, label)) * float(np.mean(np.exp(-uk))) for p, uk in zip(probs, u)
+    ]
+    terms = uaps_unsupervised_loss(logits, torch.tensor(weights, dtype=torch.float32), uncertainty_weight=0.3)
+    assert terms["pseudo_label"].flatten().tolist() == label.tolist()
+    assert terms["pseudo_k"].tolist() == pytest.approx(terms_by_hand, rel=1e-5)
+    unc = float(np.mean([uk.mean() for uk in u]))
+    assert terms["loss"].item() == pytest.approx(np.mean(terms_by_hand) + 0.3 * unc, rel=1e-5)
+    # the reference's Dice (epsilon only in the denominator)
+    terms = uaps_unsupervised_loss(logits, torch.tensor(weights), dice=DiceLoss(smooth=1e-7))
+    expected = [
+        0.5 * (hand_ce(p, label) + hand_dice(p, label, smooth=0.0, eps=1e-7)) * float(np.mean(np.exp(-uk)))
+        for p, uk in zip(probs, u)
+    ]
+    assert terms["pseudo_k"].tolist() == pytest.approx(expected, rel=1e-5)
+    # identical decoders: u = 0, so the weight exp(-u) is 1 and the term is the bare 0.5 (CE + Dice)
+    terms = uaps_unsupervised_loss([logits[0], logits[0]], torch.tensor([0.5, 0.5]))
+    own = np.argmax(probs[0], axis=0)
+    bare = 0.5 * (hand_ce(probs[0], own) + hand_dice(probs[0], own))
+    assert terms["uncertainty"].item() == pytest.approx(0.0, abs=1e-7)
+    assert terms["pseudo"].item() == pytest.approx(bare, rel=1e-5)
+    # padding (the third pixel) takes no part: the same numbers as the first two pixels alone
+    valid = valid_pixels(torch.tensor([[1, 2]]), (1, 1, 3), torch.device("cpu"))
+    padded = uaps_unsupervised_loss(logits, torch.tensor(weights), valid=valid)
+    cut = uaps_unsupervised_loss([x[..., :2] for x in logits], torch.tensor(weights))
+    torch.testing.assert_close(padded["pseudo_k"], cut["pseudo_k"])
+    with pytest.raises(ValueError, match="pseudo_loss"):
+        uaps_unsupervised_loss(logits, torch.tensor(weights), pseudo_loss="mean")
+
+
+def record_logs(module: UAPSModule) -> dict[str, float]:
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
+    return logged
+
+
+@pytest.mark.parametrize("ramped", [True, False])
+def test_uncertainty_term_inside_or_outside_the_ramp(ramped):
+    labeled, unlabeled = combined_batch()
+    module = UAPSModule(
+        num_classes=5, unsupervised_weight=0.5, uncertainty_weight=2.0, uncertainty_rampup=ramped,
+        rampup_steps=100, **TINY,
+    )
+    logged = record_logs(module)
+    loss = module.training_step({"labeled": labeled, "unlabeled": unlabeled}, 0)
+    weight = 0.5 * math.exp(-5)  # step 0 of a 100-step ramp
+    coefficient = weight * 2.0 if ramped else 2.0
+    assert logged["train/unsup_weight"] == pytest.approx(weight)
+    assert logged["train/uncertainty_coefficient"] == pytest.approx(coefficient)
+    expected = logged["train/loss_sup"] + weight * logged["train/loss_pseudo"] + coefficient * logged["train/loss_uncertainty"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------- semi-supervised data
@@ -427,6 +532,143 @@ def test_segmentation_module_trains_on_the_labelled_stream(tmp_path):
     )
     trainer.fit(model, tiny_data(labeled_fraction=0.5))
     assert trainer.global_step == 1
+
+
+def test_separate_forward_passes_keep_batch_norm_statistics_apart():
+    labeled, unlabeled = combined_batch()
+    joint = UAPSModule(num_classes=5, **TINY)
+    separate = UAPSModule(num_classes=5, forward_passes="separate", **TINY)
+    separate.load_state_dict(joint.state_dict())
+    with torch.no_grad():
+        alone = separate.forward_all(labeled["image"])[0]  # the main decoder on the labelled images alone
+        seen = EncoderBatchSizes(separate)
+        sup, unsup = separate.run_decoders(labeled["image"], unlabeled["image"])
+        assert seen.sizes == [2, 3] and len(unsup) == 4 and unsup[0].shape[0] == 3
+        torch.testing.assert_close(sup[0], alone)  # batch norm saw the labelled images only
+        mixed, _ = joint.run_decoders(labeled["image"], unlabeled["image"])
+        assert (mixed[0] - alone).abs().max() > 1e-3, "one joint pass normalises with both batches' statistics"
+    with pytest.raises(ValueError, match="forward_passes"):
+        UAPSModule(forward_passes="both", **TINY)
+
+
+def test_channels_last_option():
+    module = UAPSModule(num_classes=3, **TINY)
+    image = torch.randn(2, 3, 40, 36)
+    module.eval()
+    with torch.no_grad():
+        before = module(image)
+        assert module.configure_memory_format("cpu") is True  # auto: on for CPU
+        weight = module.uaps_net.encoder.conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        torch.testing.assert_close(module(image), before, rtol=1e-4, atol=1e-5)
+        formats = []
+        module.uaps_net.encoder.register_forward_pre_hook(
+            lambda m, args: formats.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        torch.testing.assert_close(module.forward_all(image, perturb=False)[0], before, rtol=1e-4, atol=1e-5)
+        assert formats == [True], "forward_all (training) runs in channels_last too"
+        assert module.configure_memory_format("mps") is False  # auto: off elsewhere
+        assert module.uaps_net.encoder.conv1.weight.is_contiguous()
+    off = UAPSModule(num_classes=3, channels_last="false", **TINY)
+    assert off.configure_memory_format("cpu") is False
+    with pytest.raises(ValueError, match="channels_last must be 'auto', true or false"):
+        UAPSModule(channels_last="yes", **TINY)
+
+
+def test_loss_is_a_registry_name_or_a_class_path_dict():
+    module = UAPSModule(num_classes=3, loss={"class_path": "defectseg.losses.FocalLoss", "init_args": {"gamma": 0.5}}, **TINY)
+    assert isinstance(module.loss_fn, FocalLoss) and module.loss_fn.gamma == 0.5
+    assert module.hparams.loss["class_path"] == "defectseg.losses.FocalLoss"  # saved in checkpoints as given
+    with pytest.raises(ValueError, match="needs a class_path"):
+        UAPSModule(loss={"init_args": {"gamma": 1.0}}, **TINY)
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(UAPSModule, "model")
+    help_text = parser.format_help()
+    assert "class_path" in help_text and len(help_text.splitlines()) < 400, "no list of every torch module"
+
+
+def test_dli_counts_of_the_labelled_stream_are_logged_and_channels_last_weights_train(tmp_path):
+    model = UAPSModule(num_classes=5, rampup_steps=0, **TINY)
+    initial = model.uaps_net.encoder.conv1.weight.detach().clone()
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", max_steps=2, limit_val_batches=0, log_every_n_steps=1,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, tiny_data(num_images=40, labeled_fraction=0.5, dli=True))
+    header = next(csv.reader(next(tmp_path.rglob("metrics.csv")).open()))
+    assert {"train/dli/before/defect_free", "train/dli/after/defect_free", "train/dli/injected"} <= set(header)
+    assert any(h.startswith("train/dli/after/") and h != "train/dli/after/defect_free" for h in header)
+    assert "train/loss_pseudo" in header
+    # converted to channels_last when fitting started, and still the parameters the optimizer updates
+    weight = model.uaps_net.encoder.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not torch.equal(weight.detach(), initial)
+
+
+# ---------------------------------------------------------------- presets
+#: the reference scripts' coefficients (github.com/djene-mengistu/UAPS): learning rate, ramp in
+#: iterations (iteration // interval over length units), and whether the uncertainty term is ramped
+REFERENCE = {
+    "neu_seg": {"lr": 0.001, "interval": 80, "units": 200, "uncertainty_rampup": True},
+    "magnetic_tile": {"lr": 0.002, "interval": 50, "units": 200, "uncertainty_rampup": False},
+    "dagm": {"lr": 0.001, "interval": 60, "units": 200, "uncertainty_rampup": True},
+    "kolektorsdd2": {"lr": 0.002, "interval": 40, "units": 150, "uncertainty_rampup": True},
+}
+
+
+def make_fake(name: str, root: Path) -> list[str]:
+    """Write a tiny dataset in ``name``'s layout; return the extra CLI arguments it needs."""
+    from helpers.fake_data import make_dagm, make_kolektor, make_magnetic_tile, make_neu_seg
+
+    if name == "neu_seg":
+        make_neu_seg(root)
+    elif name == "magnetic_tile":
+        make_magnetic_tile(root, counts={"Blowhole": 4, "Crack": 4, "Free": 4})
+    elif name == "dagm":
+        make_dagm(root, classes=(1, 2), defective=3, good=3)
+        return ["--data.init_args.classes", "[1, 2]"]
+    else:
+        make_kolektor(root, defective={"train": 4, "test": 1}, good={"train": 4, "test": 1})
+    return []
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_preset_follows_the_reference_and_trains_on_its_layout(name, tmp_path, monkeypatch):
+    preset = REPO / "configs" / "model" / f"uaps_{name}.yaml"
+    args = yaml.safe_load(preset.read_text())["model"]["init_args"]
+    ref = REFERENCE[name]
+    assert args["optimizer"] == {"class_path": "torch.optim.Adam", "init_args": {"lr": ref["lr"]}}
+    assert (args["rampup_steps"], args["rampup_interval"]) == (ref["interval"] * ref["units"], ref["interval"])
+    assert args["uncertainty_rampup"] is ref["uncertainty_rampup"]
+    assert (args["unsupervised_weight"], args["uncertainty_weight"]) == (0.1, 1.0)
+    assert (args["pseudo_loss"], args["forward_passes"], args["loss"]) == ("reference", "separate", "0.5 * ce + 0.5 * dice")
+
+    root = tmp_path / name
+    extra = make_fake(name, root)
+    monkeypatch.chdir(tmp_path)
+    cli = DefectSegCLI(
+        args=[
+            "fit", "--config", str(REPO / "configs" / "data" / f"{name}.yaml"), "--config", str(preset),
+            "--data.init_args.root", str(root), "--data.init_args.labeled_fraction", "0.5",
+            "--data.init_args.batch_size", "2", "--data.init_args.unlabeled_batch_size", "2",
+            "--data.init_args.num_workers", "0", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *extra,
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    model = cli.model
+    assert isinstance(model, UAPSModule) and model.hparams.rampup_interval == ref["interval"]
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
+    assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == ref["lr"]
+    assert find_dice(model.loss_fn).smooth == pytest.approx(1e-7)
+
+
+def test_full_neu_seg_config_uses_the_preset():
+    full = yaml.safe_load((REPO / "configs" / "uaps_neu_seg.yaml").read_text())["model"]
+    assert full == yaml.safe_load((REPO / "configs" / "model" / "uaps_neu_seg.yaml").read_text())["model"]
 
 
 # ---------------------------------------------------------------- CLI and checkpoints

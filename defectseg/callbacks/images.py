@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -18,13 +19,19 @@ class LogValidationSamples(Callback):
     ``ground_truth`` and ``prediction``, so the W&B UI can toggle them. Loggers other than
     :class:`~lightning.pytorch.loggers.WandbLogger` are left alone.
 
+    With ``table``, the same images also go to a ``val/predictions`` table: epoch, file, the
+    image, the image with its ground truth, the image with the prediction, and the per-image
+    defect IoU (:func:`image_defect_iou`), so the worst images can be sorted to the top.
+
     Args:
         num_images: images logged per epoch (0 turns it off).
+        table: also log the ``val/predictions`` table.
     """
 
-    def __init__(self, num_images: int = 4) -> None:
+    def __init__(self, num_images: int = 4, table: bool = True) -> None:
         super().__init__()
         self.num_images = num_images
+        self.table = table
         self._pending: list[dict[str, Any]] = []
 
     def _wandb(self, trainer: L.Trainer) -> WandbLogger | None:
@@ -70,20 +77,47 @@ class LogValidationSamples(Callback):
             return
         import wandb
 
-        labels = dict(enumerate(getattr(pl_module, "class_names", [])))
-        images = []
+        names = list(getattr(pl_module, "class_names", []))
+        labels = dict(enumerate(names))
+        images, rows = [], []
         for item in self._pending:
             mask = item["mask"].copy()
             mask[mask == 255] = 0
+            ground_truth = {"mask_data": mask, "class_labels": labels}
+            prediction = {"mask_data": item["pred"], "class_labels": labels}
+            image = item["image"].squeeze()
             images.append(
-                wandb.Image(
-                    item["image"].squeeze(),
-                    caption=item["path"],
-                    masks={
-                        "ground_truth": {"mask_data": mask, "class_labels": labels},
-                        "prediction": {"mask_data": item["pred"], "class_labels": labels},
-                    },
-                )
+                wandb.Image(image, caption=item["path"], masks={"ground_truth": ground_truth, "prediction": prediction})
             )
-        logger.experiment.log({"val/samples": images, "trainer/global_step": trainer.global_step})
+            if self.table:
+                rows.append([
+                    trainer.current_epoch,
+                    str(item["path"]),
+                    wandb.Image(image),
+                    wandb.Image(image, masks={"ground_truth": ground_truth}),
+                    wandb.Image(image, masks={"prediction": prediction}),
+                    image_defect_iou(item["mask"], item["pred"], max(len(names), 2)),
+                ])
+        logged: dict[str, Any] = {"val/samples": images, "trainer/global_step": trainer.global_step}
+        if rows:
+            columns = ["epoch", "file", "image", "ground_truth", "prediction", "defect_iou"]
+            logged["val/predictions"] = wandb.Table(columns=columns, data=rows)
+        logger.experiment.log(logged)
         self._pending = []
+
+
+def image_defect_iou(mask: np.ndarray, pred: np.ndarray, num_classes: int, ignore_index: int = 255) -> float | None:
+    """Mean IoU of one image over the defect classes (``1..num_classes-1``) present in its
+    ground truth or its prediction; pixels equal to ``ignore_index`` are left out.
+
+    Returns:
+        The mean IoU, or ``None`` when neither holds a defect (nothing to score).
+    """
+    valid = mask != ignore_index
+    scores = []
+    for k in range(1, num_classes):
+        truth, guess = (mask == k) & valid, (pred == k) & valid
+        union = int(np.count_nonzero(truth | guess))
+        if union:
+            scores.append(np.count_nonzero(truth & guess) / union)
+    return float(np.mean(scores)) if scores else None

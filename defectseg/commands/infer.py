@@ -7,6 +7,7 @@ is the LightningCLI subcommand that predicts a configured datamodule).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from defectseg.commands.registry import register_command
 
@@ -15,9 +16,14 @@ EPILOG = """examples:
   defectseg infer --ckpt model.onnx --input line1/ --recursive --output out/ --tile 512 --overlap 64
   defectseg infer --ckpt model.ckpt --input a.png b.png --output out/ --tta flip --min-area scratch=20 --min-area pit=5
 
+  defectseg infer --ckpt model.ckpt --input line1/ --output out/ --resume      # continue a stopped run
+
 outputs (mirroring the inputs' sub-folders): <stem>_mask.png (class indices), <stem>_overlay.png,
 report.csv and report.jsonl (per image: defect-free or not, per class area, components, boxes
-[x y w h], max/mean confidence). Existing outputs stop the run unless --overwrite is given.
+[x y w h], max/mean confidence). Existing outputs stop the run unless --overwrite or --resume is
+given. An image that cannot be read is a report row with its error; the run goes on and exits
+with status 1 at the end, giving the count (--on-error raise stops at the first one instead).
+Nothing written is removed: --resume continues in the same output folder.
 """
 
 
@@ -82,13 +88,22 @@ def build_parser(prog: str = "infer") -> argparse.ArgumentParser:
     parser.add_argument("--connectivity", type=int, choices=[4, 8], default=8, help="pixel connectivity of components")
     parser.add_argument("--resize", type=_size, default=None,
                         help="resize images to HxW before the model (models trained with size_policy: resize)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU; the default), cpu, cuda, cuda:1")
     parser.add_argument("--workers", type=int, default=1, help="threads decoding images ahead (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (.onnx models)")
     parser.add_argument("--overwrite", nargs="?", const="true", default="false", choices=["true", "false"],
                         help="replace existing outputs")
-    parser.add_argument("--skip-unreadable", "--skip_unreadable", dest="skip_unreadable", action="store_true",
-                        help="record unreadable images in the report and go on instead of stopping")
+    parser.add_argument("--on-error", "--on_error", dest="on_error", choices=["skip", "raise"], default="skip",
+                        help="skip (default): an image that cannot be read is a report row with its error, the "
+                        "run goes on and exits with status 1; raise: stop at the first one (outputs are kept)")
+    parser.add_argument("--skip-unreadable", "--skip_unreadable", dest="on_error", action="store_const", const="skip",
+                        help=argparse.SUPPRESS)  # the default since 0.2; kept for old scripts
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run in the same --output: images already in its report are not redone")
+    parser.add_argument("--bit-depth", "--bit_depth", dest="bit_depth", default="auto",
+                        choices=["auto", "8", "10", "12", "16"],
+                        help="bits of data in 16-bit images (12 for 12-bit camera data stored in 16-bit PNG/TIFF); "
+                        "auto (default) guesses from each file's largest value and warns")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="do not write overlays")
     parser.add_argument("--no-masks", dest="masks", action="store_false", help="do not write mask PNGs")
     parser.add_argument("--no-boxes", dest="boxes", action="store_false", help="no bounding boxes on overlays")
@@ -124,6 +139,7 @@ def infer_command(argv: list[str], prog: str = "infer") -> int:
             expect=expect,
             num_workers=args.workers,
             num_threads=args.threads,
+            bit_depth=args.bit_depth,
         )
         summary = predict_folder(
             predictor,
@@ -134,21 +150,33 @@ def infer_command(argv: list[str], prog: str = "infer") -> int:
             save_masks=args.masks,
             save_overlays=args.overlays,
             boxes=args.boxes,
-            on_error="skip" if args.skip_unreadable else "raise",
+            on_error=args.on_error,
             progress=not args.quiet,
+            resume=args.resume,
         )
     except (FileNotFoundError, FileExistsError, IsADirectoryError, CheckpointError, ValueError, ImportError) as err:
         hint = ""
         if "cannot decode" in str(err) or ("does not exist" in str(err) and "image" in str(err)):
-            hint = " (pass --skip-unreadable to record such images in the report and go on)"
+            hint = (
+                " (the outputs written so far are kept: fix or remove the image and rerun with --resume, "
+                "or use --on-error skip to record such images in the report and go on)"
+            )
         raise SystemExit(f"defectseg {prog}: error: {err}{hint}") from None
     rate = summary.images / summary.seconds if summary.seconds > 0 else float("nan")
     print(
         f"{summary.images} images in {summary.seconds:.1f} s ({rate:.2f} images/s): "
         f"{summary.defective} with defects, {summary.defect_free} defect-free"
-        + (f", {len(summary.failed)} unreadable" if summary.failed else "")
+        + (f", {len(summary.failed)} failed" if summary.failed else "")
+        + (f" ({summary.resumed} done before, skipped)" if summary.resumed else "")
     )
     print(f"report: {summary.report_csv} and {summary.report_jsonl}")
+    if summary.failed:
+        print(
+            f"defectseg {prog}: {len(summary.failed)} image(s) failed; their rows in {summary.report_csv} "
+            "give the error (fix them and rerun with --resume)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

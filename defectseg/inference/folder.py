@@ -11,7 +11,9 @@ Outputs mirror the inputs' sub-folders under the output folder:
   (:mod:`defectseg.inference.report`).
 
 Nothing that exists is overwritten unless ``overwrite`` is set: every target is checked before
-the first image is predicted.
+the first image is predicted. Nothing a run writes is removed either: an image that cannot be
+read becomes a report row with its error (``on_error="skip"``, the default), a stopped run keeps
+its outputs and ``resume`` continues it without predicting finished images again.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ class FolderSummary:
     report_csv: Path | None = None
     report_jsonl: Path | None = None
     skipped_inputs: int = 0
+    resumed: int = 0
 
     @property
     def defect_free(self) -> int:
@@ -152,8 +155,9 @@ def predict_folder(
     save_masks: bool = True,
     save_overlays: bool = True,
     boxes: bool = True,
-    on_error: Literal["raise", "skip"] = "raise",
+    on_error: Literal["raise", "skip"] = "skip",
     progress: bool = True,
+    resume: bool = False,
 ) -> FolderSummary:
     """Predict every image of ``inputs`` and write masks, overlays and the reports.
 
@@ -167,9 +171,13 @@ def predict_folder(
         save_masks: write ``<stem>_mask.png``.
         save_overlays: write ``<stem>_overlay.png``.
         boxes: draw the defects' bounding boxes on the overlays.
-        on_error: ``raise`` stops at an unreadable image; ``skip`` records it in the report
-            (``error`` column) and goes on.
+        on_error: ``skip`` records an image that cannot be read or predicted in the report
+            (``error`` column, listed in :attr:`FolderSummary.failed`) and goes on; ``raise``
+            stops at the first one. Either way the outputs already written are kept.
         progress: show a progress bar (rich).
+        resume: continue an interrupted run in the same ``output_dir``: images with a
+            successful report row are skipped (counted in :attr:`FolderSummary.resumed`),
+            the others (failed before, or not reached) are predicted and their rows appended.
 
     Raises:
         FileNotFoundError: no inputs found.
@@ -184,8 +192,13 @@ def predict_folder(
         raise FileNotFoundError(f"every input image lies inside the output folder {output_dir}; nothing to predict")
     paths = kept
     targets = output_targets(paths, output_dir)
-    writer = ReportWriter(output_dir, predictor.class_names, overwrite=overwrite)
-    if not overwrite:
+    writer = ReportWriter(output_dir, predictor.class_names, overwrite=overwrite, resume=resume)
+    finished = writer.finished()
+    if writer.resuming:
+        todo = [i for i, path in enumerate(paths) if str(path) not in finished]
+        summary.resumed = len(paths) - len(todo)
+        paths, targets = [paths[i] for i in todo], [targets[i] for i in todo]
+    elif not overwrite:
         planned = list(writer.paths)
         for mask_file, overlay_file in targets:
             planned += ([mask_file] if save_masks else []) + ([overlay_file] if save_overlays else [])
@@ -196,7 +209,6 @@ def predict_folder(
                 f"{len(existing)} output file(s) already exist (e.g. {shown}); choose another "
                 "output folder or pass --overwrite to replace them"
             )
-    made_dir = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     num_classes = predictor.num_classes
@@ -209,46 +221,31 @@ def predict_folder(
     )
 
     columns = [TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    created = [p for p in writer.paths if not p.exists()]
-
-    def save(path: Path, array: np.ndarray, rgb: bool = False) -> None:
-        if not path.exists():
-            created.append(path)
-        write_png(path, array, rgb=rgb)
-
-    try:
-        with writer, Progress(*columns, disable=not progress, transient=False) as bar:
-            task = bar.add_task("predict", total=len(paths))
-            names = [str(p) for p in paths]
-            results = predictor.predict_iter(paths, names=names, on_error=on_error)
-            for prediction, (mask_file, overlay_file) in zip(results, targets):
-                summary.images += 1
-                report = prediction.report
-                if prediction.error is not None:
-                    summary.failed.append(f"{prediction.path}: {prediction.error}")
-                else:
-                    if save_masks:
-                        save(mask_file, prediction.mask)
-                        report.outputs["mask"] = str(mask_file)
-                    if save_overlays:
-                        blended = overlay(prediction.image, prediction.mask, num_classes)
-                        if boxes:
-                            blended = draw_boxes(blended, prediction, num_classes)
-                        save(overlay_file, blended, rgb=True)
-                        report.outputs["overlay"] = str(overlay_file)
-                    if not report.defect_free:
-                        summary.defective += 1
-                writer.write(report)
-                bar.advance(task)
-    except BaseException:
-        # leave the output folder as it was: a fixed re-run must not trip over partial outputs
-        for path in created:
-            path.unlink(missing_ok=True)
-        if made_dir:
-            for folder, _, _ in sorted(os.walk(output_dir), key=lambda item: -len(item[0])):
-                if not os.listdir(folder):
-                    os.rmdir(folder)
-        raise
+    # a run that stops (on_error="raise", Ctrl-C) keeps what it wrote: the report rows so far
+    # are flushed, and `resume` continues from them
+    with writer, Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("predict", total=len(paths))
+        names = [str(p) for p in paths]
+        results = predictor.predict_iter(paths, names=names, on_error=on_error)
+        for prediction, (mask_file, overlay_file) in zip(results, targets):
+            summary.images += 1
+            report = prediction.report
+            if prediction.error is not None:
+                summary.failed.append(f"{prediction.path}: {prediction.error}")
+            else:
+                if save_masks:
+                    write_png(mask_file, prediction.mask)
+                    report.outputs["mask"] = str(mask_file)
+                if save_overlays:
+                    blended = overlay(prediction.image, prediction.mask, num_classes)
+                    if boxes:
+                        blended = draw_boxes(blended, prediction, num_classes)
+                    write_png(overlay_file, blended, rgb=True)
+                    report.outputs["overlay"] = str(overlay_file)
+                if not report.defect_free:
+                    summary.defective += 1
+            writer.write(report)
+            bar.advance(task)
     summary.seconds = time.perf_counter() - start
     summary.report_csv, summary.report_jsonl = writer.csv_path, writer.jsonl_path
     if summary.failed:

@@ -7,7 +7,8 @@
 
 The model can be a checkpoint written by ``defectseg fit``, a LightningModule, or an ONNX /
 TorchScript file written by ``defectseg export`` (ONNX runs in ONNX Runtime). Images are read
-as RGB (or gray) ``uint8``; arrays given directly must be RGB (convert OpenCV's BGR first).
+as RGB (or gray) ``uint8``, 16-bit files scaled by ``bit_depth``; arrays given directly must be
+RGB (convert OpenCV's BGR first), ``uint8`` or ``uint16`` (scaled by ``bit_depth`` too).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import cv2
 import lightning as L
 import numpy as np
 
-from defectseg.data.io import read_image, to_channels
+from defectseg.data.bit_depth import BitDepth, check_bit_depth, to_uint8
 from defectseg.data.contract import round_up
+from defectseg.data.io import _decode_file, to_channels
 from defectseg.inference.report import ImageReport, analyze, resolve_min_area
 from defectseg.inference.runtime import ModelInfo, load_backend, pad_images
 from defectseg.inference.tiling import BlendAccumulator, Tile, TilePlan, _as_pair
@@ -90,7 +92,8 @@ class Predictor:
     Args:
         model: a ``.ckpt`` checkpoint of a defectseg model, an ``.onnx``/TorchScript file written
             by ``defectseg export``, or a LightningModule.
-        device: ``cpu``, ``cuda`` (``cuda:1``...) or ``auto``.
+        device: ``auto`` (the default: CUDA when present, else CPU), ``cpu``, ``cuda``
+            (``cuda:1``...).
         tile_size: images larger than this (an int or ``(height, width)``) are predicted tile by
             tile with :mod:`sliding-window blending <defectseg.inference.tiling>`; ``None`` or 0
             predicts every image in one pass. Multiples of 32 avoid padding each tile. Models
@@ -110,12 +113,15 @@ class Predictor:
         return_probabilities: keep the ``(K, H, W)`` probabilities in each :class:`Prediction`.
         num_workers: threads decoding images ahead of the model (0: decode in the caller).
         num_threads: intra-op threads of ONNX Runtime (``.onnx`` models).
+        bit_depth: bits of data in 16-bit images: ``8``, ``10``, ``12``, ``16`` or ``"auto"``
+            (from each file's largest value, warning once per depth found); see
+            :mod:`defectseg.data.bit_depth`. Use the setting the model was trained with.
     """
 
     def __init__(
         self,
         model: str | os.PathLike | L.LightningModule,
-        device: str = "cpu",
+        device: str = "auto",
         tile_size: int | tuple[int, int] | None = 1024,
         overlap: int = 64,
         batch_size: int = 8,
@@ -128,7 +134,10 @@ class Predictor:
         return_probabilities: bool = False,
         num_workers: int = 1,
         num_threads: int | None = None,
+        bit_depth: Literal["auto", 8, 10, 12, 16] | str = "auto",
     ) -> None:
+        self.bit_depth = check_bit_depth(bit_depth)
+        self._warned_depths: set[int] = set()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         tta = tta or "none"
@@ -208,8 +217,9 @@ class Predictor:
         Args:
             images: paths or arrays.
             names: report names of the images (default: the path, or ``image_<i>`` for arrays).
-            on_error: ``raise`` stops at the first unreadable image; ``skip`` yields a
-                :class:`Prediction` with ``error`` set and goes on.
+            on_error: ``raise`` stops at the first unreadable image (after yielding the
+                images before it); ``skip`` yields a :class:`Prediction` with ``error`` set and
+                goes on.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -239,18 +249,21 @@ class Predictor:
 
         for order, (path, loaded) in enumerate(self._load_all(images, names)):
             job = None
-            if isinstance(loaded, Exception):
-                if on_error == "raise":
-                    raise loaded
-                done[order] = _failed(path, loaded)
-            else:
+            error = loaded if isinstance(loaded, Exception) else None
+            if error is None:
                 try:
                     job = self._start(order, path, loaded, len(passes))
                 except ValueError as err:
-                    if on_error == "raise":
-                        raise
-                    done[order] = _failed(path, err)
-                    job = None
+                    error = err
+            if error is not None:
+                if on_error == "raise":
+                    # the images before this one are finished and yielded first
+                    flush()
+                    while next_out in done:
+                        yield done.pop(next_out)
+                        next_out += 1
+                    raise error
+                done[order] = _failed(path, error)
             if job is not None:
                 jobs[order] = job
                 for tile in job.plan.tiles:
@@ -292,6 +305,8 @@ class Predictor:
         if isinstance(item, np.ndarray):
             label = name or f"image_{index}"
             try:
+                if item.dtype == np.uint16:
+                    item = to_uint8(item, self.bit_depth, label, warned=self._warned_depths)
                 return label, _check_array(item, label)
             except ValueError as err:
                 return label, err
@@ -304,7 +319,7 @@ class Predictor:
                 f"{path} is a folder; pass image files (or use defectseg.inference.list_images)"
             )
         try:
-            return label, read_image(path)
+            return label, read_image(path, self.bit_depth, warned=self._warned_depths)
         except (ValueError, FileNotFoundError) as err:
             return label, err
 
@@ -363,6 +378,29 @@ class Predictor:
         )
 
 
+def read_image(
+    path: str | os.PathLike, bit_depth: BitDepth | str | int = "auto", warned: set[int] | None = None
+) -> np.ndarray:
+    """Decode an image file like :func:`defectseg.data.io.read_image`, scaling 16-bit files by
+    ``bit_depth`` (:func:`defectseg.data.bit_depth.to_uint8`, which documents ``warned``)
+    instead of dividing them by 257.
+
+    Returns:
+        ``uint8`` ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour (alpha dropped).
+
+    Raises:
+        FileNotFoundError: the file cannot be opened.
+        ValueError: the file cannot be decoded, or a value is above ``bit_depth`` (naming it).
+    """
+    path = os.fspath(path)
+    image = to_uint8(_decode_file(path, cv2.IMREAD_UNCHANGED), bit_depth, source=path, warned=warned)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return image[..., 0]
+    if image.ndim == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return image
+
+
 def _flip(image: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
     """Flip ``(H, W, C)`` vertically and/or horizontally."""
     vertical, horizontal = flip
@@ -386,8 +424,8 @@ def _flip_chw(probabilities: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
 def _check_array(image: np.ndarray, name: str) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(
-            f"{name}: images must be uint8 arrays (raw 0..255 pixels), got {image.dtype}; the model "
-            "normalises them itself"
+            f"{name}: images must be uint8 (raw 0..255 pixels) or uint16 arrays (scaled by bit_depth), "
+            f"got {image.dtype}; the model normalises them itself"
         )
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
         raise ValueError(f"{name}: expected an (H, W) or (H, W, C) image with 1, 3 or 4 channels, got {image.shape}")

@@ -13,6 +13,7 @@ the top-left corner (column, row).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -285,6 +286,10 @@ class ReportWriter:
         overwrite: replace existing report files; otherwise an existing file raises
             :class:`FileExistsError`.
         name: base name of the files.
+        resume: continue the reports of an interrupted run: rows of images that were
+            predicted (no error) are kept, failed and half-written rows are dropped (those
+            images are predicted again) and new rows are appended. :meth:`finished` names the
+            images to skip.
     """
 
     def __init__(
@@ -293,27 +298,83 @@ class ReportWriter:
         class_names: Sequence[str],
         overwrite: bool = False,
         name: str = "report",
+        resume: bool = False,
     ) -> None:
         self.csv_path = Path(output_dir) / f"{name}.csv"
         self.jsonl_path = Path(output_dir) / f"{name}.jsonl"
         self.class_names = [str(n) for n in class_names]
         self.overwrite = overwrite
+        self.resume = resume
         self._csv: TextIO | None = None
         self._jsonl: TextIO | None = None
         self._writer: Any = None
+        self._kept: tuple[list[list[str]], list[str]] | None = None
 
     @property
     def paths(self) -> list[Path]:
         return [self.csv_path, self.jsonl_path]
 
+    @property
+    def resuming(self) -> bool:
+        """Whether :meth:`finished` found reports to continue (then they are appended to)."""
+        return self._kept is not None
+
+    def finished(self) -> set[str]:
+        """With ``resume``: the ``file`` names of the images the existing reports hold a
+        successful row for (empty when there is no report yet).
+
+        Raises:
+            ValueError: the existing ``report.csv`` has other columns (another model's classes).
+        """
+        if not self.resume or not all(path.exists() for path in self.paths):
+            return set()
+        with open(self.csv_path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        if not rows or rows[0] != csv_header(self.class_names):
+            raise ValueError(
+                f"cannot resume: {self.csv_path} was written for other classes than the model's "
+                f"{self.class_names}; use the model of the interrupted run or another output folder"
+            )
+        good: dict[str, str] = {}
+        with open(self.jsonl_path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the line being written when the run stopped
+                if isinstance(record, dict) and record.get("error") is None and "file" in record:
+                    good.setdefault(str(record["file"]), line if line.endswith("\n") else line + "\n")
+        error_column = len(rows[0]) - 1
+        kept_rows: dict[str, list[str]] = {}
+        for row in rows[1:]:
+            if len(row) == len(rows[0]) and row[0] in good and not row[error_column]:
+                kept_rows.setdefault(row[0], row)
+        names = [n for n in good if n in kept_rows]
+        self._kept = ([kept_rows[n] for n in names], [good[n] for n in names])
+        return set(names)
+
     def __enter__(self) -> ReportWriter:
-        if not self.overwrite:
+        if self.resume and self._kept is None:
+            self.finished()
+        if not self.overwrite and self._kept is None:
             for path in self.paths:
                 if path.exists():
                     raise FileExistsError(
-                        f"{path} already exists; choose another output folder or pass --overwrite"
+                        f"{path} already exists; choose another output folder, pass --resume to "
+                        "continue that run or --overwrite to replace it"
                     )
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._kept is not None:
+            # rewrite the kept rows (atomically), then append
+            rows, lines = self._kept
+            table = io.StringIO()
+            csv.writer(table).writerows([csv_header(self.class_names), *rows])
+            _replace_text(self.csv_path, table.getvalue())
+            _replace_text(self.jsonl_path, "".join(lines))
+            self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+            self._writer = csv.writer(self._csv)
+            return self
         self._csv = open(self.csv_path, "w", newline="", encoding="utf-8")
         self._jsonl = open(self.jsonl_path, "w", encoding="utf-8")
         self._writer = csv.writer(self._csv)
@@ -334,3 +395,11 @@ class ReportWriter:
             if handle is not None:
                 handle.close()
         self._csv = self._jsonl = self._writer = None
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a crash leaves the old or the new."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)

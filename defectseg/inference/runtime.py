@@ -208,6 +208,9 @@ def module_info(module: L.LightningModule | nn.Module, source: str | None = None
     _, multiple = _network_of(module)
     extra = {k: hparams[k] for k in ("arch", "encoder", "encoder_depth") if k in hparams}
     extra["model_class"] = f"{type(module).__module__}.{type(module).__qualname__}"
+    from defectseg.version import __version__
+
+    extra["defectseg_version"] = __version__  # of the export; the checkpoint's own is in the .ckpt
     if source:
         extra["source"] = os.path.basename(source)
     return ModelInfo(

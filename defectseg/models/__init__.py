@@ -2,6 +2,7 @@
 
 from defectseg.models.networks import (
     PadToMultiple,
+    PretrainedWeightsError,
     available_architectures,
     build_network,
     load_weights,
@@ -12,6 +13,7 @@ from defectseg.models.uaps_net import UAPSNet
 
 __all__ = [
     "PadToMultiple",
+    "PretrainedWeightsError",
     "SegmentationModule",
     "UAPSModule",
     "UAPSNet",

@@ -1,8 +1,11 @@
 """Plain ``nn.Module`` segmentation networks (no Lightning here).
 
-Networks come from segmentation-models-pytorch by architecture and encoder name; nothing is
-ever downloaded (``encoder_weights`` is always ``None``): pretrained weights come from a local
-file through :func:`load_weights`.
+Networks come from segmentation-models-pytorch by architecture and encoder name, with random
+weights. :func:`load_weights` then loads pretrained weights: from a local file (a state dict,
+encoder weights or a defectseg checkpoint), or by weight name (``imagenet``...) through
+segmentation-models-pytorch / timm, which download them once into the Hugging Face cache; offline
+that fails at once with :class:`PretrainedWeightsError`, naming the file to fetch and where to
+put it (docs/pretrained.md).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -139,19 +143,30 @@ class PadToMultiple(nn.Module):
         self.network = network
         self.multiple = multiple
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded at the bottom and right to multiples of ``multiple`` (unchanged if already)."""
         height, width = x.shape[-2:]
         pad_h = round_up(height, self.multiple) - height
         pad_w = round_up(width, self.multiple) - width
         if pad_h or pad_w:
             mode = "reflect" if pad_h < height and pad_w < width else "replicate"
             x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        out = self.network(x)
-        if out.shape[-2:] != x.shape[-2:]:
-            # some architecture/depth pairs (e.g. FPN with encoder_depth 4) upsample by a fixed
-            # factor that does not return the input size: resample to it
-            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return out[..., :height, :width]
+        return x
+
+    @staticmethod
+    def crop(out: torch.Tensor, padded_size: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+        """A network output for a padded input of ``padded_size`` cut back to ``size`` ``(H, W)``.
+
+        Some architecture/depth pairs (e.g. FPN with encoder_depth 4) upsample by a fixed factor
+        that does not return the input size: the output is resampled to ``padded_size`` first.
+        """
+        if tuple(out.shape[-2:]) != tuple(padded_size):
+            out = F.interpolate(out, size=tuple(padded_size), mode="bilinear", align_corners=False)
+        return out[..., : size[0], : size[1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = self.pad(x)
+        return self.crop(self.network(padded), padded.shape[-2:], x.shape[-2:])
 
 
 _PREFIXES = ("net.network.", "network.", "net.", "model.", "module.")
@@ -164,12 +179,107 @@ def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(network: nn.Module, path: str | os.PathLike) -> str:
-    """Load weights from a local file into ``network`` (an smp model).
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained encoder weights could not be downloaded (no internet, or the hub is down)."""
+
+
+#: File endings that make a ``weights`` value a path rather than a weight name.
+WEIGHT_FILE_ENDINGS = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar")
+
+
+def is_weights_file(weights: str | os.PathLike) -> bool:
+    """Whether ``weights`` names a file (it exists, has a folder part or a weights file ending)
+    rather than a pretrained weight name such as ``imagenet``."""
+    text = os.fspath(weights)
+    return os.path.exists(text) or "/" in text or os.sep in text or text.lower().endswith(WEIGHT_FILE_ENDINGS)
+
+
+def huggingface_cache() -> Path:
+    """The Hugging Face hub cache folder (``HF_HUB_CACHE``, ``HF_HOME``/hub or
+    ``~/.cache/huggingface/hub``), where segmentation-models-pytorch and timm keep downloads."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache")), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def _download_hint(encoder: str, weights: str) -> str:
+    """What to fetch, and where to put it, for the pretrained ``weights`` of ``encoder``."""
+    recipe = "or save the encoder's weights to a file and set weights: /path/to/file (see docs/pretrained.md)"
+    if encoder.startswith("tu-"):
+        return (
+            f"timm keeps its downloads in the Hugging Face cache {huggingface_cache()} (models--timm--*) or in "
+            f"the torch hub cache {torch.hub.get_dir()}/checkpoints; run once on a machine with internet and "
+            f"copy that folder here, {recipe}"
+        )
+    settings = smp.encoders.encoders[encoder]["pretrained_settings"][weights]
+    repo, revision = settings["repo_id"], settings["revision"]
+    folder = huggingface_cache() / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+    return (
+        f"fetch https://huggingface.co/{repo}/resolve/{revision}/model.safetensors and config.json and put "
+        f"both in {folder}/ (the Hugging Face cache; HF_HUB_CACHE or HF_HOME move it), {recipe}"
+    )
+
+
+def load_pretrained_encoder(
+    network: nn.Module, encoder: str, weights: str, in_channels: int = 3, encoder_depth: int = 5
+) -> str:
+    """Load the pretrained ``weights`` (``imagenet``, ``ssl``..., any timm tag for ``tu-``
+    encoders) of ``encoder`` into ``network.encoder``, downloading them once through
+    segmentation-models-pytorch / timm.
+
+    Returns:
+        ``"encoder"``.
+
+    Raises:
+        ValueError: the encoder has no weights of that name (the message lists those it has).
+        PretrainedWeightsError: the download failed (offline): the message names the file to
+            fetch and the cache folder to put it in.
+    """
+    timm_encoder = encoder.startswith("tu-")
+    if not timm_encoder:
+        available = list(smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}))
+        if weights not in available:
+            raise ValueError(
+                f"encoder {encoder!r} has no pretrained weights {weights!r}; choose one of {available} "
+                "or give the path of a local weights file"
+            )
+    try:
+        pretrained = smp.encoders.get_encoder(
+            encoder, in_channels=in_channels, depth=encoder_depth, weights=True if timm_encoder else weights
+        )
+    except KeyError as err:
+        raise ValueError(f"cannot load pretrained weights {weights!r} of encoder {encoder!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - hub, HTTP and socket errors of several libraries
+        reason = str(err).strip().splitlines()[0].split(". ")[0][:160] if str(err).strip() else ""
+        raise PretrainedWeightsError(
+            f"cannot download the {weights!r} weights of encoder {encoder!r} (offline? "
+            f"{type(err).__name__}{': ' + reason if reason else ''}). {_download_hint(encoder, weights)}; "
+            "weights: null trains from random initialisation"
+        ) from None
+    own = network.encoder.state_dict()
+    state = {k: v for k, v in pretrained.state_dict().items() if k in own and own[k].shape == v.shape}
+    network.encoder.load_state_dict(state, strict=False)
+    return "encoder"
+
+
+def load_weights(
+    network: nn.Module,
+    path: str | os.PathLike,
+    encoder: str | None = None,
+    in_channels: int = 3,
+    encoder_depth: int = 5,
+) -> str:
+    """Load weights from a local file into ``network`` (an smp model), or pretrained encoder
+    weights by name.
 
     Accepts a plain state dict of the whole network, a Lightning checkpoint of a defectseg
     model, or an encoder-only state dict (such as ImageNet weights of a torchvision/timm
-    backbone saved to disk). Files are read with ``weights_only=True``.
+    backbone saved to disk, see docs/pretrained.md). Files are read with ``weights_only=True``.
+    A value that is no file path (``imagenet``...) with ``encoder`` given is a pretrained weight
+    name: :func:`load_pretrained_encoder`.
 
     Returns:
         ``"network"`` or ``"encoder"``: what was loaded.
@@ -177,12 +287,15 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: nothing in the file matches the network.
+        PretrainedWeightsError: a named download failed (offline).
     """
+    if encoder is not None and not is_weights_file(path):
+        return load_pretrained_encoder(network, encoder, os.fspath(path), in_channels, encoder_depth)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"weights file {path!r} does not exist; give the path of a local state dict or "
-            "checkpoint (nothing is downloaded), or set weights: null for random initialisation"
+            "checkpoint, a pretrained weight name such as imagenet, or weights: null for random initialisation"
         )
     obj = torch.load(path, map_location="cpu", weights_only=True)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -208,6 +321,10 @@ def load_weights(network: nn.Module, path: str | os.PathLike) -> str:
     encoder = network.encoder
     enc_own = encoder.state_dict()
     matched = {k: v for k, v in encoder_state.items() if k in enc_own and enc_own[k].shape == v.shape}
+    if not matched and all(k.startswith("model.") for k in enc_own):
+        # a plain timm model's state dict for a ``tu-`` encoder, which wraps it as ``model``
+        prefixed = {f"model.{k}": v for k, v in encoder_state.items()}
+        matched = {k: v for k, v in prefixed.items() if k in enc_own and enc_own[k].shape == v.shape}
     if not matched:
         raise ValueError(
             f"no tensor in {path} matches the network or its encoder ({type(encoder).__name__}); "

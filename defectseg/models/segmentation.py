@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -29,6 +29,27 @@ from defectseg.models.memory_format import (
 from defectseg.models.networks import PadToMultiple, build_network, load_weights
 
 
+def loss_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """Instantiate a loss given as ``{"class_path": "pkg.Class", "init_args": {...}}`` (YAML).
+
+    Raises:
+        ValueError: the mapping has no ``class_path`` or other keys, or the class is not an
+            ``nn.Module``; the message shows the expected form.
+    """
+    from lightning.pytorch.cli import instantiate_class
+
+    form = "{class_path: defectseg.losses.BalancedLoss, init_args: {...}}"
+    if "class_path" not in config or set(config) - {"class_path", "init_args"}:
+        raise ValueError(f"a loss given as a mapping needs the form {form}, got {dict(config)}")
+    try:
+        loss = instantiate_class((), {"class_path": config["class_path"], "init_args": dict(config.get("init_args") or {})})
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"loss class_path {config['class_path']!r} cannot be imported ({err})") from None
+    if not isinstance(loss, nn.Module):
+        raise ValueError(f"loss class_path {config['class_path']!r} is not an nn.Module (form: {form})")
+    return loss
+
+
 class SegmentationModule(L.LightningModule):
     """Supervised semantic segmentation of surface defects.
 
@@ -45,10 +66,14 @@ class SegmentationModule(L.LightningModule):
         encoder_depth: encoder stages (3 to 5).
         decoder_channels: decoder widths for Unet-like architectures.
         in_channels: image channels (linked from the datamodule).
-        weights: ``None`` (random initialisation, nothing downloaded) or the path of a local
-            state dict, encoder state dict or defectseg checkpoint.
-        loss: a registered loss name, a weighted sum such as ``"balanced + 0.5 * dice"``, or any
-            ``nn.Module`` with the loss contract.
+        weights: None (random initialisation, nothing downloaded), a pretrained weight name of
+            the encoder (imagenet, ssl...; for tu- timm encoders any name, the tag being part of
+            the encoder name), downloaded once into the Hugging Face cache, or the path of a
+            local state dict, encoder state dict or defectseg checkpoint (docs/pretrained.md).
+        loss: a registered loss name (ce, wce, dice, focal, balanced...), a weighted sum such as
+            "balanced + 0.5 * dice", or, in Python or YAML, a loss module: in YAML a mapping with
+            class_path (e.g. defectseg.losses.BalancedLoss) and init_args. Any nn.Module with the
+            loss contract (logits, mask) -> scalar works.
         loss_kwargs: arguments of the loss (``{name: {...}}`` per term for a sum).
         ignore_index: mask value to ignore in the loss and the metrics.
         lr: learning rate of the default optimizer (AdamW).
@@ -82,7 +107,7 @@ class SegmentationModule(L.LightningModule):
         decoder_channels: list[int] | None = None,
         in_channels: int = 3,
         weights: str | None = None,
-        loss: str | nn.Module = "ce",
+        loss: str | dict[str, Any] = "ce",
         loss_kwargs: dict[str, Any] | None = None,
         ignore_index: int = IGNORE_INDEX,
         lr: float = 1e-3,
@@ -111,6 +136,8 @@ class SegmentationModule(L.LightningModule):
         if isinstance(loss, nn.Module):
             ignore.append("loss")
         self.save_hyperparameters(ignore=ignore)
+        if isinstance(loss, Mapping):
+            loss = loss_from_config(loss)  # the hyperparameters keep the mapping
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else ["background"] + [
             f"class_{k}" for k in range(1, num_classes)
@@ -144,8 +171,9 @@ class SegmentationModule(L.LightningModule):
     def configure_models(self) -> None:
         """Create ``self.net`` (the padded network) and load ``weights`` if given."""
         network = self.configure_network()
-        if self.hparams.weights:
-            load_weights(network, self.hparams.weights)
+        h = self.hparams
+        if h.weights:
+            load_weights(network, h.weights, encoder=h.encoder, in_channels=h.in_channels, encoder_depth=h.encoder_depth)
         self.net = PadToMultiple(network, self.hparams.pad_multiple)
 
     def loss_context(self) -> dict[str, Any]:
@@ -196,9 +224,32 @@ class SegmentationModule(L.LightningModule):
                 f"model.in_channels={self.hparams.in_channels} but the datamodule serves "
                 f"{data_channels}-channel images; set them equal"
             )
+        self.check_normalization(datamodule)
         self.provide_class_statistics(datamodule, stage)
         if self._trainer is not None:
             self.configure_memory_format(self.trainer.strategy.root_device)
+
+    def check_normalization(self, datamodule: Any) -> None:
+        """Make the stored ``mean``/``std`` those the datamodule normalises with.
+
+        Checkpoints and exports normalise raw images with the model's ``mean``/``std``; a model
+        without them takes the datamodule's, and a model whose values differ raises, naming
+        both (the defectseg CLI links them).
+        """
+        for name in ("mean", "std"):
+            data_value = getattr(datamodule, name, None)
+            if data_value is None:
+                continue
+            data_value = [float(v) for v in data_value]
+            own = self.hparams.get(name)
+            if own is None:
+                self.hparams[name] = data_value
+            elif len(own) != len(data_value) or any(abs(float(a) - b) > 1e-6 for a, b in zip(own, data_value)):
+                raise ValueError(
+                    f"model.{name}={[float(v) for v in own]} but the datamodule {type(datamodule).__name__} "
+                    f"normalises with {name}={data_value}; a checkpoint or export would normalise raw "
+                    f"images wrongly. Set model.{name} to the datamodule's (the defectseg CLI links it) or null"
+                )
 
     def provide_class_statistics(self, datamodule: Any, stage: str) -> None:
         """Give the training split's class statistics to the losses that derive weights from them.
@@ -327,6 +378,12 @@ class SegmentationModule(L.LightningModule):
         probs = self(batch["image"]).float().softmax(dim=1)
         confidence, mask = probs.max(dim=1)
         return {"mask": mask.to(torch.uint8), "confidence": confidence, "path": batch["path"]}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the defectseg version that wrote the checkpoint (``defectseg_version``)."""
+        from defectseg.version import __version__
+
+        checkpoint["defectseg_version"] = __version__
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
