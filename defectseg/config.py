@@ -33,7 +33,12 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from defectseg.callbacks import LogValidationSamples, PredictionWriter, ResumableCheckpoint, WandbExtras
+from defectseg.callbacks import (
+    LogValidationSamples,
+    PredictionWriter,
+    ResumableCheckpoint,
+    WandbExtras,
+)
 from defectseg.data.base import DefectDataModule
 from defectseg.models.segmentation import SegmentationModule
 from defectseg.utils.hardware import resolve_precision
