@@ -8,8 +8,8 @@ A step is what ``trainer.fit`` runs per batch, data already in memory: the modul
 (padding, memory format), the loss in float32, backward and an AdamW step; bf16 runs the forward
 under ``torch.autocast`` as ``trainer.precision: bf16-mixed`` does. The network is the quickstart
 and recipe family: smp Unet, ResNet-18 encoder of depth 3 (``--depth`` 4 or 5), random weights.
-Settings are timed in interleaved rounds (each setting once per round) and the median is reported, so a machine
-shared with other work slows them alike; ratios are within one run.
+Settings are timed in interleaved rounds (each setting once per round) and the median is reported,
+so a machine shared with other work slows them alike; ratios are within one run.
 
 The second table is the cost of the loss inside a bf16 + channels_last step at the largest size:
 the step time with ``ce``, ``balanced`` and ``bce+dice`` and the share of the step taken by the
