@@ -7,9 +7,9 @@
 A step is what ``trainer.fit`` runs per batch, data already in memory: the module's forward
 (padding, memory format), the loss in float32, backward and an AdamW step; bf16 runs the forward
 under ``torch.autocast`` as ``trainer.precision: bf16-mixed`` does. The network is the quickstart
-and recipe family: smp Unet, ResNet-18 encoder of depth 3, from random weights. Settings are
-timed in interleaved rounds (each setting once per round) and the median is reported, so a machine
-shared with other work slows them alike; ratios are within one run.
+and recipe family: smp Unet, ResNet-18 encoder of depth 3 (``--depth`` 4 or 5), random weights.
+Settings are timed in interleaved rounds (each setting once per round) and the median is reported,
+so a machine shared with other work slows them alike; ratios are within one run.
 
 The second table is the cost of the loss inside a bf16 + channels_last step at the largest size:
 the step time with ``ce``, ``balanced`` and ``bce+dice`` and the share of the step taken by the
@@ -40,10 +40,14 @@ def batch(size: int, batch_size: int, classes: int, device: str) -> tuple[torch.
     return images.to(device), masks.to(device)
 
 
-def make_step(loss: str, channels_last: bool, precision: str, device: str, classes: int):
+DECODERS = {3: [64, 32, 16], 4: [128, 64, 32, 16], 5: [256, 128, 64, 32, 16]}
+
+
+def make_step(loss: str, channels_last: bool, precision: str, device: str, classes: int, depth: int = 3):
     torch.manual_seed(0)
     model = SegmentationModule(
-        num_classes=classes, encoder_depth=3, decoder_channels=[64, 32, 16], loss=loss, channels_last=channels_last,
+        num_classes=classes, encoder_depth=depth, decoder_channels=DECODERS[depth], loss=loss,
+        channels_last=channels_last,
     ).to(device)
     model.configure_memory_format(device)
     model.train()
@@ -88,16 +92,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classes", type=int, default=6)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--depth", type=int, default=3, choices=sorted(DECODERS), help="encoder depth of the Unet")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, batch {args.batch_size}, "
+          f"Unet/ResNet-18 depth {args.depth}, "
           f"load average {load:.1f} at start")
     print("\n| size | " + " | ".join(f"{p}{' + cl' if cl else ''}" for p, cl in SETTINGS) + " | bf16+cl / fp32 |")
     print("|---|" + "---:|" * (len(SETTINGS) + 1))
     for size in args.sizes:
         data = batch(size, args.batch_size, args.classes, args.device)
-        steps = {(p, cl): make_step("ce", cl, p, args.device, args.classes) for p, cl in SETTINGS}
+        steps = {(p, cl): make_step("ce", cl, p, args.device, args.classes, args.depth) for p, cl in SETTINGS}
         median = timed(steps, data, args.repeats)
         rates = {key: args.batch_size / t for key, t in median.items()}
         cells = " | ".join(f"{rates[key]:.1f} img/s" for key in SETTINGS)
@@ -105,7 +111,7 @@ def main() -> None:
     size = max(args.sizes)
     data = batch(size, args.batch_size, args.classes, args.device)
     losses = ["ce", "balanced", "bce+dice"]
-    steps = {loss: make_step(loss, True, "bf16", args.device, args.classes) for loss in losses}
+    steps = {loss: make_step(loss, True, "bf16", args.device, args.classes, args.depth) for loss in losses}
     step_time = timed(steps, data, args.repeats)
     loss_time = timed(steps, data, args.repeats, loss_only=True)
     print(f"\nLoss inside a bf16 + channels_last step at {size}x{size}:\n")

@@ -176,3 +176,36 @@ def test_a_damaged_cache_file_is_ignored_and_rebuilt(tmp_path):
     assert DecodeCache.open(path) is None
     again = mt_datamodule(tmp_path / "mt", tmp_path / "c", decode_cache=True)
     assert again.decode_cache_for() is not None and DecodeCache.open(path) is not None
+
+
+def test_datamodules_scale_twelve_bit_images_by_their_bit_depth(tmp_path):
+    import cv2
+
+    from defectseg.data import FolderDataModule
+    from defectseg.data.bit_depth import BitDepthWarning
+    from tests.helpers.fake_data import make_folder
+
+    fakes = make_folder(tmp_path / "parts", num_images=6, junk=False)
+    rng = np.random.default_rng(0)
+    raws = {}
+    for fake in fakes:  # replace each 8-bit image with 12-bit camera data in a 16-bit PNG
+        raw = rng.integers(0, 4096, size=cv2.imread(str(fake.image), cv2.IMREAD_GRAYSCALE).shape).astype(np.uint16)
+        raw.flat[0] = 4095
+        assert cv2.imwrite(str(fake.image), raw)
+        raws[str(fake.image)] = raw
+
+    def datamodule(**kwargs):
+        return FolderDataModule(root=str(tmp_path / "parts"), channels=1, augment=False, decode_cache=False,
+                                cache_dir=str(tmp_path / "cache"), val_fraction=0.0, test_fraction=0.2, **kwargs)
+
+    dataset = datamodule(bit_depth=12).make_dataset("train")
+    for index, sample in enumerate(dataset.samples):
+        expected = np.rint(raws[sample.image].astype(np.float64) * 255 / 4095).astype(np.uint8)
+        assert np.array_equal(dataset.read(index)[0][..., 0], expected)
+    with pytest.warns(BitDepthWarning, match="12-bit"):
+        auto = datamodule().make_dataset("train")
+        assert np.array_equal(auto.read(0)[0], dataset.read(0)[0])
+    with pytest.raises(ValueError, match="above the largest 10-bit value"):
+        datamodule(bit_depth=10).make_dataset("train").read(0)
+    with pytest.raises(ValueError, match="bit_depth"):
+        datamodule(bit_depth=11)

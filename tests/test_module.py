@@ -74,6 +74,7 @@ def test_fit_logs_per_class_metrics_and_reloads_identically(tmp_path):
     assert loaded.class_names == dm.class_names
     assert loaded.hparams.mean == pytest.approx(list(dm.mean))  # recorded from the datamodule by setup()
     model.eval(), loaded.eval()
+    loaded.configure_memory_format("cpu")  # the trained model runs in channels_last (auto, on the CPU)
     x = torch.randn(2, 3, 40, 24)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))

@@ -18,7 +18,7 @@ from defectseg.commands.infer import build_parser
 from defectseg.data.bit_depth import BitDepthWarning, infer_bit_depth, resolve_bit_depth, to_uint8
 from defectseg.data.synthetic import SyntheticDefectsDataModule
 from defectseg.inference import Predictor
-from defectseg.inference.predictor import read_image
+from defectseg.data.io import read_image
 from defectseg.inference.runtime import resolve_device
 from defectseg.models import SegmentationModule
 
@@ -102,9 +102,9 @@ def test_twelve_bit_png_is_read_and_predicted_at_full_range(tmp_path):
     assert cv2.imwrite(str(path), raw)
     assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     expected = np.rint(raw.astype(np.float64) * 255 / 4095).astype(np.uint8)
-    assert np.array_equal(read_image(path, 12), expected)
+    assert np.array_equal(read_image(path, bit_depth=12), expected)
     with pytest.warns(BitDepthWarning, match="cam.png"):
-        assert np.array_equal(read_image(path, "auto"), expected)
+        assert np.array_equal(read_image(path, bit_depth="auto"), expected)
 
     module = tiny_module()
     predictor = Predictor(module, tile_size=None, bit_depth=12)

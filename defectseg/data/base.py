@@ -32,6 +32,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from defectseg.data import streams
+from defectseg.data.bit_depth import check_bit_depth
 from defectseg.data.cache import DecodeCache, estimated_bytes
 from defectseg.data.contract import default_normalization
 from defectseg.data.dataset import (
@@ -131,6 +132,10 @@ class DefectDataModule(L.LightningDataModule):
             again: ``auto`` (when the decoded dataset fits ``decode_cache_max_gb``), ``true`` or
             ``false``.
         decode_cache_max_gb: the size limit of ``decode_cache: auto``.
+        bit_depth: bits of the image files: ``auto`` (from each 16-bit file's largest value, with
+            one warning per depth found), 8, 10, 12 or 16; 12-bit camera data stored in 16-bit
+            files is scaled by 255/4095 instead of being divided by 257
+            (:mod:`defectseg.data.bit_depth`). 8-bit files are read as they are.
     """
 
     #: Class names, background first. Formats with fixed classes set this.
@@ -176,6 +181,7 @@ class DefectDataModule(L.LightningDataModule):
         defect_crop_fraction: float = 0.5,
         decode_cache: Literal["auto"] | bool = "auto",
         decode_cache_max_gb: float = 2.0,
+        bit_depth: Literal["auto", 8, 10, 12, 16] = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -234,6 +240,7 @@ class DefectDataModule(L.LightningDataModule):
         self.on_missing = on_missing
         self.cache_dir = cache_dir
         self.pin_memory = pin_memory
+        self.bit_depth = check_bit_depth(bit_depth)
         self.scale = float(scale) if scale not in (None, 1, 1.0) else None
         self.crop_size = as_size(crop_size, "crop_size")
         self.defect_crop_fraction = float(defect_crop_fraction)
@@ -485,7 +492,7 @@ class DefectDataModule(L.LightningDataModule):
     def decode_cache_path(self) -> Path:
         """The decode cache file of this dataset and its decoding settings."""
         settings = {"channels": self.channels, "scale": self.scale, "size_policy": self.size_policy,
-                    "image_size": self.image_size, "num_classes": self.num_classes}
+                    "image_size": self.image_size, "num_classes": self.num_classes, "bit_depth": self.bit_depth}
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return self._cache_path().with_name(f"{self._cache_path().stem}-decoded-{digest}.bin")
 

@@ -15,7 +15,7 @@ stored bit depth says how to scale instead: ``value * 255 / (2**bits - 1)``, rou
 ``uint8`` arrays are 8-bit files and come back unchanged whatever the setting.
 
 Call :func:`to_uint8` right after decoding an image (``cv2.IMREAD_UNCHANGED``), before any
-channel conversion or normalisation (:func:`defectseg.inference.predictor.read_image` does both
+channel conversion or normalisation (:func:`defectseg.data.io.read_image` does both
 for a file). This module needs numpy only, so the file readers can import it.
 """
 

@@ -366,10 +366,12 @@ class UnlabeledLoader:
 
     def __init__(self, format_loader: SampleLoader) -> None:
         self.format_loader = format_loader
+        self.bit_depth = getattr(format_loader, "bit_depth", "auto")
+        self.warned: set[int] = set()
 
     def __call__(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         if sample.extra.get(UNLABELED_FILE):
-            image = read_image(sample.image)
+            image = read_image(sample.image, bit_depth=self.bit_depth, warned=self.warned)
         else:
             image, _ = self.format_loader(sample)
         return image, np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)

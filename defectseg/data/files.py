@@ -97,11 +97,19 @@ class MaskDecoder:
 class FileSampleLoader:
     """Picklable ``sample -> (image, mask)`` loader for DataLoader workers.
 
-    It carries only the :class:`MaskDecoder`, not the datamodule and its metadata.
+    It carries only the :class:`MaskDecoder` and the image bit depth, not the datamodule and its
+    metadata.
+
+    Args:
+        decoder: how mask values become classes.
+        bit_depth: bits of the image files (``"auto"``, 8, 10, 12 or 16; see
+            :mod:`defectseg.data.bit_depth`); 8-bit files are read as they are.
     """
 
-    def __init__(self, decoder: MaskDecoder) -> None:
+    def __init__(self, decoder: MaskDecoder, bit_depth: str | int = "auto") -> None:
         self.decoder = decoder
+        self.bit_depth = bit_depth
+        self.warned: set[int] = set()  # bit depths "auto" has warned about (once per worker)
 
     def mask(self, sample: Sample, size: tuple[int, int]) -> np.ndarray:
         """The class mask of ``sample`` whose image is ``size`` = ``(height, width)``.
@@ -120,7 +128,7 @@ class FileSampleLoader:
         return self.decoder(raw, sample)
 
     def __call__(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-        image = read_image(sample.image)
+        image = read_image(sample.image, bit_depth=self.bit_depth, warned=self.warned)
         return image, self.mask(sample, image.shape[:2])
 
 
@@ -138,7 +146,7 @@ class FileDataModule(DefectDataModule):
         return MaskDecoder()
 
     def sample_loader(self) -> FileSampleLoader:
-        return FileSampleLoader(self.mask_decoder())
+        return FileSampleLoader(self.mask_decoder(), self.bit_depth)
 
     def load_sample(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         return self.sample_loader()(sample)

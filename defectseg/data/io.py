@@ -17,6 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from defectseg.data.bit_depth import BitDepth, to_uint8
+
 #: File extensions read as images, compared case-insensitively (training and inference alike).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
@@ -77,17 +79,27 @@ def _decode_file(path: str, flags: int) -> np.ndarray:
     return image
 
 
-def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike,
+    flags: int = cv2.IMREAD_UNCHANGED,
+    bit_depth: BitDepth | str | int = "auto",
+    warned: set[int] | None = None,
+) -> np.ndarray:
     """Decode an image file with OpenCV, raising a clear error for unreadable files.
 
-    Returns ``uint8`` arrays: ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour.
+    Files of more than 8 bits are scaled by their ``bit_depth`` (``"auto"``: from the file's
+    largest value, with one warning per depth found when ``warned`` is a set kept by the caller;
+    see :func:`defectseg.data.bit_depth.to_uint8`): 12-bit camera data in a 16-bit file keeps its
+    contrast instead of being divided by 257.
+
+    Returns ``uint8`` arrays: ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour (alpha dropped).
+
+    Raises:
+        FileNotFoundError: the file cannot be opened.
+        ValueError: the file cannot be decoded, or a value is above ``bit_depth`` (naming it).
     """
     path = str(path)
-    image = _decode_file(path, flags)
-    if image.dtype == np.uint16:
-        image = (image / 257.0).round().astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise ValueError(f"{path}: unsupported pixel type {image.dtype}; expected 8 or 16 bit")
+    image = to_uint8(_decode_file(path, flags), bit_depth, source=path, warned=warned)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     elif image.ndim == 3 and image.shape[2] == 4:

@@ -124,7 +124,7 @@ class SeverstalDataModule(FileDataModule):
     )
 
     def sample_loader(self) -> RLESampleLoader:
-        return RLESampleLoader(MaskDecoder())
+        return RLESampleLoader(MaskDecoder(), self.bit_depth)
 
     def scan(self) -> list[Sample]:
         root = self.check_root()

@@ -24,9 +24,9 @@ import cv2
 import lightning as L
 import numpy as np
 
-from defectseg.data.bit_depth import BitDepth, check_bit_depth, to_uint8
+from defectseg.data.bit_depth import check_bit_depth, to_uint8
 from defectseg.data.contract import round_up
-from defectseg.data.io import _decode_file, to_channels
+from defectseg.data.io import read_image, to_channels
 from defectseg.inference.report import ImageReport, analyze, resolve_min_area
 from defectseg.inference.runtime import ModelInfo, load_backend, pad_images
 from defectseg.inference.tiling import BlendAccumulator, Tile, TilePlan, _as_pair
@@ -319,7 +319,7 @@ class Predictor:
                 f"{path} is a folder; pass image files (or use defectseg.inference.list_images)"
             )
         try:
-            return label, read_image(path, self.bit_depth, warned=self._warned_depths)
+            return label, read_image(path, bit_depth=self.bit_depth, warned=self._warned_depths)
         except (ValueError, FileNotFoundError) as err:
             return label, err
 
@@ -376,29 +376,6 @@ class Predictor:
             f"Predictor({self.backend.name}, classes={self.class_names}, tile_size={self.tile_size}, "
             f"overlap={self.overlap}, batch_size={self.batch_size}, tta={self.tta!r})"
         )
-
-
-def read_image(
-    path: str | os.PathLike, bit_depth: BitDepth | str | int = "auto", warned: set[int] | None = None
-) -> np.ndarray:
-    """Decode an image file like :func:`defectseg.data.io.read_image`, scaling 16-bit files by
-    ``bit_depth`` (:func:`defectseg.data.bit_depth.to_uint8`, which documents ``warned``)
-    instead of dividing them by 257.
-
-    Returns:
-        ``uint8`` ``(H, W)`` for grayscale, ``(H, W, 3)`` RGB for colour (alpha dropped).
-
-    Raises:
-        FileNotFoundError: the file cannot be opened.
-        ValueError: the file cannot be decoded, or a value is above ``bit_depth`` (naming it).
-    """
-    path = os.fspath(path)
-    image = to_uint8(_decode_file(path, cv2.IMREAD_UNCHANGED), bit_depth, source=path, warned=warned)
-    if image.ndim == 3 and image.shape[2] == 1:
-        return image[..., 0]
-    if image.ndim == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB if image.shape[2] == 4 else cv2.COLOR_BGR2RGB)
-    return image
 
 
 def _flip(image: np.ndarray, flip: tuple[bool, bool]) -> np.ndarray:
