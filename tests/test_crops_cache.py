@@ -11,7 +11,7 @@ import torch
 from defectseg.data import IGNORE_INDEX, MagneticTileDataModule, SyntheticDefectsDataModule
 from defectseg.data.cache import DecodeCache
 from defectseg.data.dataset import crop_window, random_crop
-from tests.helpers.fake_data import make_magnetic_tile
+from helpers.fake_data import make_magnetic_tile
 
 
 def test_a_defect_centred_crop_contains_a_defect_pixel_of_the_image():
@@ -183,7 +183,7 @@ def test_datamodules_scale_twelve_bit_images_by_their_bit_depth(tmp_path):
 
     from defectseg.data import FolderDataModule
     from defectseg.data.bit_depth import BitDepthWarning
-    from tests.helpers.fake_data import make_folder
+    from helpers.fake_data import make_folder
 
     fakes = make_folder(tmp_path / "parts", num_images=6, junk=False)
     rng = np.random.default_rng(0)
