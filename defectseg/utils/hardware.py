@@ -2,7 +2,7 @@
 
 The shipped configs train with ``trainer.precision: bf16-mixed``: on a CPU with native bf16
 instructions (AVX512-BF16, AMX, or Arm's BF16 extension) bf16 autocast with channels_last makes
-a training step 2.7x (128x128) to 5x (256x256) faster than fp32 (``benchmarks/train_speed.py``).
+a training step 2.4x (128x128) to 3.1x (256x256) faster than fp32 (``benchmarks/train_speed.py``).
 Where the processor lacks them, autocast would emulate bf16 and run slower than fp32, so
 :func:`resolve_precision` falls back (``32-true`` on such a CPU, ``16-mixed`` on a GPU without
 bf16) with one warning. The ``defectseg`` CLI applies it before building the trainer.
