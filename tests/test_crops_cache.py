@@ -209,3 +209,49 @@ def test_datamodules_scale_twelve_bit_images_by_their_bit_depth(tmp_path):
         datamodule(bit_depth=10).make_dataset("train").read(0)
     with pytest.raises(ValueError, match="bit_depth"):
         datamodule(bit_depth=11)
+
+
+# ------------------------------------------------------------------ defect_image_fraction
+def _draw_share(fraction: float, num_images: int = 40, defect_free_fraction: float = 0.75, epochs: int = 25) -> float:
+    dm = synthetic(num_images=num_images, defect_free_fraction=defect_free_fraction, defect_image_fraction=fraction)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    samples = loader.dataset.samples
+    picks = [index for _ in range(epochs) for index in loader.sampler]
+    assert len(list(loader.sampler)) == len(samples), "an epoch keeps the training split's length"
+    return sum(not samples[i].defect_free for i in picks) / len(picks), samples
+
+
+def test_defect_image_fraction_sets_the_share_of_defective_training_images():
+    share, samples = _draw_share(0.5)
+    natural = sum(not s.defect_free for s in samples) / len(samples)
+    assert natural < 0.4  # the split itself is mostly defect-free
+    # 25 epochs x ~28 draws at p = 0.5: the binomial's standard deviation is about 0.019
+    assert abs(share - 0.5) < 0.08, share
+    share_all, _ = _draw_share(1.0)
+    assert share_all == 1.0
+
+
+def test_defect_image_fraction_is_seeded():
+    def picks(seed):
+        dm = synthetic(defect_image_fraction=0.5, seed=seed)
+        dm.setup("fit")
+        return list(dm.train_dataloader().sampler)
+
+    assert picks(3) == picks(3)
+    assert picks(3) != picks(4)
+
+
+def test_defect_image_fraction_rejects_bad_values_and_dli():
+    with pytest.raises(ValueError, match=r"defect_image_fraction must be in \(0, 1\].*got 1.5"):
+        synthetic(defect_image_fraction=1.5)
+    with pytest.raises(ValueError, match="defect_image_fraction and dli"):
+        synthetic(defect_image_fraction=0.5, dli=True)
+
+
+def test_defect_image_fraction_without_defect_free_images_warns_and_shuffles():
+    dm = synthetic(defect_free_fraction=0.0, defect_image_fraction=0.5)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match="nothing to rebalance"):
+        loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, torch.utils.data.RandomSampler)

@@ -127,6 +127,11 @@ class DefectDataModule(L.LightningDataModule):
             crop is padded with ignored pixels. Validation and test keep whole images.
         defect_crop_fraction: share of the training crops centred on a random defect pixel (of
             a random class present in the image); the rest are uniform over the image.
+        defect_image_fraction: share of the training images drawn from defective images (with
+            replacement, a seeded :class:`~torch.utils.data.WeightedRandomSampler`; an epoch
+            keeps the training split's length). ``None`` (default) shuffles the split as it is.
+            On Magnetic Tile, where 7 in 10 images are defect-free, ``0.5`` doubles the defect
+            crops per step. Not combined with ``dli`` (which balances batches itself).
         decode_cache: keep every decoded (and scaled) image and mask in one memory-mapped file
             under ``cache_dir``, shared by all DataLoader workers, so no epoch decodes a file
             again: ``auto`` (when the decoded dataset fits ``decode_cache_max_gb``), ``true`` or
@@ -179,6 +184,7 @@ class DefectDataModule(L.LightningDataModule):
         scale: float | None = None,
         crop_size: int | tuple[int, int] | None = None,
         defect_crop_fraction: float = 0.5,
+        defect_image_fraction: float | None = None,
         decode_cache: Literal["auto"] | bool = "auto",
         decode_cache_max_gb: float = 2.0,
         bit_depth: Literal["auto", 8, 10, 12, 16] = "auto",
@@ -207,6 +213,16 @@ class DefectDataModule(L.LightningDataModule):
             )
         if not 0.0 <= float(defect_crop_fraction) <= 1.0:
             raise ValueError(f"defect_crop_fraction must be in [0, 1], got {defect_crop_fraction}")
+        if defect_image_fraction is not None and not 0.0 < float(defect_image_fraction) <= 1.0:
+            raise ValueError(
+                f"defect_image_fraction must be in (0, 1] (e.g. 0.5), or null to shuffle the split as it "
+                f"is; got {defect_image_fraction}"
+            )
+        if defect_image_fraction is not None and dli not in (None, False):
+            raise ValueError(
+                "defect_image_fraction and dli both decide what a training batch holds; DLI already "
+                "balances the classes of every batch: set one of them (defect_image_fraction: null or dli: null)"
+            )
         if decode_cache not in ("auto", True, False):
             raise ValueError(f"decode_cache must be 'auto', true or false, got {decode_cache!r}")
         if channels not in (1, 3):
@@ -244,6 +260,7 @@ class DefectDataModule(L.LightningDataModule):
         self.scale = float(scale) if scale not in (None, 1, 1.0) else None
         self.crop_size = as_size(crop_size, "crop_size")
         self.defect_crop_fraction = float(defect_crop_fraction)
+        self.defect_image_fraction = float(defect_image_fraction) if defect_image_fraction is not None else None
         self.decode_cache = decode_cache
         self.decode_cache_max_gb = float(decode_cache_max_gb)
         self._decode_cache: DecodeCache | None = None

@@ -3,7 +3,8 @@
 A datamodule's ``train_dataloader()`` calls :func:`train_loader`, which picks one of three
 streams and builds its loader:
 
-* **plain**: the training :class:`~defectseg.data.dataset.DefectDataset`, shuffled;
+* **plain**: the training :class:`~defectseg.data.dataset.DefectDataset`, shuffled (or drawn
+  with a set share of defective images, ``defect_image_fraction``);
 * **DLI** (``dli:`` set): the same dataset wrapped in a
   :class:`~defectseg.data.dli.DLIDataset` and batched by a
   :class:`~defectseg.data.dli.DLIBatchSampler` (class-balanced batches);
@@ -20,7 +21,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from defectseg.data.contract import collate_batch
 from defectseg.data.dataset import DefectDataset
@@ -121,11 +123,38 @@ def dli_loader(
     )
 
 
+def defect_image_sampler(samples: list[Any], fraction: float, seed: int) -> WeightedRandomSampler | None:
+    """A seeded sampler drawing ``fraction`` of its ``len(samples)`` picks from defective images.
+
+    Each defective image has weight ``fraction / n_defective``, each defect-free one
+    ``(1 - fraction) / n_free`` (draws with replacement). ``None`` when the split has only one
+    kind of image (nothing to rebalance; the caller shuffles it as it is).
+    """
+    defective = [not s.defect_free for s in samples]
+    n_defective = sum(defective)
+    n_free = len(samples) - n_defective
+    if n_defective == 0 or n_free == 0:
+        warnings.warn(
+            f"defect_image_fraction={fraction}: the training split has {n_defective} defective and {n_free} "
+            "defect-free images, so there is nothing to rebalance; it is shuffled as it is",
+            stacklevel=3,
+        )
+        return None
+    weights = [fraction / n_defective if d else (1.0 - fraction) / n_free for d in defective]
+    generator = torch.Generator().manual_seed(int(seed))
+    return WeightedRandomSampler(weights, num_samples=len(samples), replacement=True, generator=generator)
+
+
 def labeled_loader(datamodule: Any) -> DataLoader:
-    """The supervised stream: DLI batches when ``dli`` is set, else the shuffled training set."""
+    """The supervised stream: DLI batches when ``dli`` is set, else the shuffled training set
+    (drawn with ``defect_image_fraction`` defective images when that is set)."""
     dataset = datamodule.make_dataset("train")
     if getattr(datamodule, "dli_config", None) is not None:
         return dli_loader(datamodule, dataset)
+    fraction = getattr(datamodule, "defect_image_fraction", None)
+    sampler = defect_image_sampler(dataset.samples, fraction, datamodule.seed) if fraction is not None else None
+    if sampler is not None:
+        return make_loader(datamodule, dataset, shuffle=False, sampler=sampler, drop_last=False)
     return make_loader(datamodule, dataset, shuffle=True, drop_last=False)
 
 
