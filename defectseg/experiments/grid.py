@@ -108,6 +108,7 @@ class Grid:
         test_checkpoint: ``best`` or ``last`` per mode.
         baseline: the configuration every other one is paired against (a name), or
             ``{configuration: its baseline}``; ``None`` for no paired comparison.
+        defined_modes: the modes whose fragment the file has (even an empty one).
         source: the file it came from (for messages).
     """
 
@@ -119,6 +120,7 @@ class Grid:
     seeds: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SEEDS))
     test_checkpoint: dict[str, str] = field(default_factory=lambda: {mode: "best" for mode in MODES})
     baseline: str | dict[str, str] | None = None
+    defined_modes: tuple[str, ...] = MODES
     source: str = "<grid>"
 
     # ------------------------------------------------------------------ loading
@@ -202,6 +204,7 @@ class Grid:
             seeds=seeds,
             test_checkpoint=test_checkpoint,
             baseline=data.get("baseline"),
+            defined_modes=tuple(mode for mode in MODES if mode in data),
             source=source,
         )
         names = [name for name, _ in grid.configurations()]

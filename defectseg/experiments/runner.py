@@ -505,10 +505,16 @@ class CompareRunner:
         }
 
     def notes(self) -> list[str]:
-        """Lines worth saying before the grid runs: a cpu mode whose base is not a CPU recipe,
-        where the W&B runs go."""
+        """Lines worth saying before the grid runs: a mode the grid has no fragment for, a cpu
+        mode whose base is not a CPU recipe, where the W&B runs go."""
         notes = []
         plan = self.plan()
+        grid = self.settings.grid
+        if self.settings.mode not in grid.defined_modes:
+            notes.append(
+                f"grid {grid.source!r} has no `{self.settings.mode}:` fragment: the runs take the base config's "
+                "settings as they are"
+            )
         if self.settings.mode == "cpu" and plan:
             accelerator = (plan[0].config.get("trainer") or {}).get("accelerator", "auto")
             if accelerator != "cpu":
