@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from defectseg.experiments.results import METRICS, _number, aggregate, class_order, load_rows, summary_markdown, write_runs_csv
+from defectseg.experiments.results import (
+    METRICS,
+    _number,
+    aggregate,
+    class_order,
+    load_rows,
+    summary_markdown,
+    write_runs_csv,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from defectseg.experiments.runner import CompareSettings, PlannedRun

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:  # pragma: no cover
-    from defectseg.experiments.runner import CompareSettings, PlannedRun
+    from defectseg.experiments.runner import PlannedRun
 
 
 @dataclass(frozen=True)

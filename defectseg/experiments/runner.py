@@ -17,6 +17,7 @@ Output folder layout::
         checkpoints/                best-*.ckpt, last.ckpt
         logs/fit/metrics.csv        CSVLogger of the fit (fit_2, fit_3... after resumes)
         logs/test/metrics.csv       CSVLogger of the test
+        wandb/                      with --logger wandb: the run's W&B folder (fit and test)
         results.json                written last: the run is finished
 
 Resuming: a run with ``results.json`` is finished and skipped. A run without it restarts; its
@@ -50,7 +51,14 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from defectseg.experiments.grid import MODES, Grid, GridError, RunSpec, merge_config, substitute_seed
+from defectseg.experiments.grid import (
+    MODES,
+    Grid,
+    GridError,
+    RunSpec,
+    merge_config,
+    substitute_seed,
+)
 
 RESULTS_FILE = "results.json"
 STATE_FILE = "run.json"
