@@ -2,6 +2,8 @@
 
     defectseg compare --base configs/compare/magnetic_tile.yaml --grid configs/compare/losses.yaml \\
         --out results/mt_losses --quick
+    defectseg compare --base configs/magnetic_tile_cpu.yaml --grid configs/compare/dli_balanced.yaml \\
+        --out results/mt_dli_balanced --mode cpu --jobs 2
 
 Each run is ``defectseg fit`` + ``defectseg test`` in a subprocess, from the merged config saved
 in ``OUT/runs/<configuration>/seed_<n>/config.yaml``. Running the same command again resumes:
@@ -25,6 +27,9 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from defectseg.experiments.grid import MODES  # the experiments import Lightning: only when run
+    from defectseg.experiments.runner import LOGGERS
+
     parser = argparse.ArgumentParser(
         prog="defectseg compare",
         description=(
@@ -40,9 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grid", "-g", required=True, help="grid YAML (see configs/compare/)")
     parser.add_argument("--out", "-o", required=True, help="output folder (created; rerun the command to resume)")
     parser.add_argument(
-        "--quick", action="store_true",
-        help="quick mode: the grid's `quick` fragment (reduced resolution and epochs, CPU) and its quick seed count "
-        "(default 3); without it, full mode: the `full` fragment (paper settings) and 5 seeds",
+        "--mode", choices=list(MODES), default=None,
+        help="quick: the grid's `quick` fragment (reduced resolution and epochs on a CPU: a pipeline check), 3 seeds; "
+        "cpu: a CPU training recipe as --base (configs/magnetic_tile_cpu.yaml, configs/neu_seg_cpu.yaml) plus the "
+        "grid's `cpu` fragment, 3 seeds; full (default): the `full` fragment (paper settings, a GPU), 5 seeds",
+    )
+    parser.add_argument("--quick", action="store_true", help="the same as --mode quick")
+    parser.add_argument(
+        "--baseline", default=None, metavar="CONFIG",
+        help="the configuration every other one is paired against in summary.md (default: the grid's `baseline`)",
+    )
+    parser.add_argument(
+        "--logger", choices=list(LOGGERS), default="csv",
+        help="csv (default): each run logs to CSV files in its folder; wandb: also to Weights & Biases, one group "
+        "per grid and output folder, the configuration as job type (offline unless WANDB_MODE=online)",
     )
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1), overriding the grid's")
     parser.add_argument(
@@ -120,22 +136,28 @@ def compare_command(argv: list[str]) -> int:
         parser.error("give --seeds or --seed-list, not both")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.quick and args.mode not in (None, "quick"):
+        parser.error(f"--quick is --mode quick; it contradicts --mode {args.mode}")
+    mode = "quick" if args.quick else (args.mode or "full")
     try:
         grid = Grid.from_yaml(args.grid)
         settings = CompareSettings(
             base=list(args.base),
             grid=grid,
             out=Path(args.out),
-            quick=args.quick,
+            mode=mode,
             seeds=args.seed_list if args.seed_list is not None else args.seeds,
             overrides=list(args.overrides),
             test_checkpoint=args.test_checkpoint,
             only=[name for item in args.only for name in item.split(",") if name] if args.only else None,
             fail_fast=args.fail_fast,
             jobs=args.jobs,
+            baseline=args.baseline,
+            logger=args.logger,
         )
         runner = CompareRunner(settings)
         plan = runner.plan()
+        runner.comparisons()  # an unknown --baseline stops here
         if not args.report_only:
             check_config(settings.base, prog="defectseg compare")  # unknown keys: one paragraph, exit 2
         if args.report_only:
@@ -149,6 +171,8 @@ def compare_command(argv: list[str]) -> int:
             for run in plan:
                 state = "finished" if run.finished else "to run"
                 print(f"{run.spec.key:40s} {state:9s} {run.run_dir}")
+            for note in runner.notes():
+                print(f"note: {note}")
             runner.validate()
             print(f"{len(plan)} runs; configs parse.")
             return 0

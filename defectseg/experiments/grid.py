@@ -4,12 +4,16 @@ A grid file (see ``configs/compare/``) is a YAML mapping::
 
     name: losses                      # used in titles (default: the file's stem)
     description: CE against the balanced loss ...
-    seeds: {quick: 3, full: 5}        # or one int; --seeds N overrides
-    test_checkpoint: {quick: last, full: best}   # or one of best (by the checkpoint monitor), last
-    common:                           # fragment of every configuration (both modes)
+    seeds: {quick: 3, cpu: 3, full: 5}   # or one int; --seeds N overrides
+    test_checkpoint: {quick: last, cpu: last, full: best}   # or one of best (by the checkpoint monitor), last
+    baseline: ce                      # the configuration the others are paired against in summary.md
+                                      # (or {configuration: its baseline, ...}); --baseline overrides
+    common:                           # fragment of every configuration (every mode)
       model: {init_args: {loss: bce+dice}}
-    quick:                            # fragment for --quick (reduced resolution, epochs)
+    quick:                            # fragment for --mode quick (reduced resolution, epochs)
       trainer: {max_epochs: 3}
+    cpu:                              # fragment for --mode cpu, over a CPU training recipe as base
+      trainer: {limit_train_batches: 50}
     full:                             # fragment for full mode (paper settings)
       trainer: {max_epochs: 100}
     configurations:                   # name -> fragment, in table order
@@ -27,6 +31,10 @@ fragment, then the configuration's fragments, then command-line overrides. Fragm
 key, a ``class_path`` different from the base's replaces the whole block, lists and scalars
 replace. The text ``${seed}`` anywhere in a fragment is replaced by the run's seed (a value
 that is exactly ``${seed}`` becomes the integer), e.g. ``labeled_seed: ${seed}``.
+
+Modes: ``quick`` checks the pipeline in minutes on a CPU, ``cpu`` trains for real on a CPU (its
+base config is a fast-training recipe such as ``configs/magnetic_tile_cpu.yaml``; the grid's
+``cpu`` fragment only adds what the grid needs on top of it), ``full`` is the paper settings.
 """
 
 from __future__ import annotations
@@ -44,12 +52,14 @@ from defectseg.config import merge_config
 
 #: Keys a grid file may hold.
 GRID_KEYS = (
-    "name", "description", "seeds", "test_checkpoint", "common", "quick", "full", "configurations", "axes",
+    "name", "description", "seeds", "test_checkpoint", "baseline", "common", "quick", "cpu", "full",
+    "configurations", "axes",
 )
-#: Modes of a grid: ``quick`` (CPU, reduced) and ``full`` (paper settings).
-MODES = ("quick", "full")
+#: Modes of a grid: ``quick`` (pipeline check on a CPU), ``cpu`` (a CPU training recipe as
+#: base) and ``full`` (paper settings).
+MODES = ("quick", "cpu", "full")
 #: Default number of seeds per mode.
-DEFAULT_SEEDS = {"quick": 3, "full": 5}
+DEFAULT_SEEDS = {"quick": 3, "cpu": 3, "full": 5}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=]*$")
 
 
@@ -93,9 +103,12 @@ class Grid:
         description: free text shown in the summary.
         axes: ordered ``(axis, {value name: fragment})`` pairs.
         common: fragment of every configuration.
-        modes: ``{"quick": fragment, "full": fragment}``.
+        modes: ``{"quick": fragment, "cpu": fragment, "full": fragment}``.
         seeds: default seed count per mode.
         test_checkpoint: ``best`` or ``last`` per mode.
+        baseline: the configuration every other one is paired against (a name), or
+            ``{configuration: its baseline}``; ``None`` for no paired comparison.
+        defined_modes: the modes whose fragment the file has (even an empty one).
         source: the file it came from (for messages).
     """
 
@@ -105,7 +118,9 @@ class Grid:
     common: dict[str, Any] = field(default_factory=dict)
     modes: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SEEDS))
-    test_checkpoint: dict[str, str] = field(default_factory=lambda: {"quick": "best", "full": "best"})
+    test_checkpoint: dict[str, str] = field(default_factory=lambda: {mode: "best" for mode in MODES})
+    baseline: str | dict[str, str] | None = None
+    defined_modes: tuple[str, ...] = MODES
     source: str = "<grid>"
 
     # ------------------------------------------------------------------ loading
@@ -162,7 +177,7 @@ class Grid:
                 raise GridError(f"grid {source!r}: 'seeds' keys must be {list(MODES)}, got {bad}")
             seeds.update({k: v for k, v in raw_seeds.items()})
         elif raw_seeds is not None:
-            raise GridError(f"grid {source!r}: 'seeds' must be an int or {{quick: N, full: M}}, got {raw_seeds!r}")
+            raise GridError(f"grid {source!r}: 'seeds' must be an int or {{quick: N, cpu: N, full: M}}, got {raw_seeds!r}")
         for mode, count in seeds.items():
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 raise GridError(f"grid {source!r}: seeds.{mode} must be an int >= 1, got {count!r}")
@@ -177,7 +192,7 @@ class Grid:
         for value in test_checkpoint.values():
             if value not in ("best", "last"):
                 raise GridError(
-                    f"grid {source!r}: test_checkpoint must be 'best' or 'last' (or {{quick: ..., full: ...}}), "
+                    f"grid {source!r}: test_checkpoint must be 'best' or 'last' (or {{quick: ..., cpu: ..., full: ...}}), "
                     f"got {raw_checkpoint!r}"
                 )
         grid = cls(
@@ -188,13 +203,59 @@ class Grid:
             modes=modes,
             seeds=seeds,
             test_checkpoint=test_checkpoint,
+            baseline=data.get("baseline"),
+            defined_modes=tuple(mode for mode in MODES if mode in data),
             source=source,
         )
         names = [name for name, _ in grid.configurations()]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise GridError(f"grid {source!r}: configuration names {duplicates} occur more than once")
+        grid.baseline = grid._checked_baseline(grid.baseline, names)
         return grid
+
+    def _checked_baseline(self, raw: Any, names: list[str]) -> str | dict[str, str] | None:
+        """``baseline`` as a configuration name or ``{configuration: baseline}``, checked."""
+        if raw is None:
+            return None
+        pairs = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else None
+        if pairs is None and not isinstance(raw, str):
+            raise GridError(
+                f"grid {self.source!r}: 'baseline' must be a configuration name or {{configuration: baseline}}, "
+                f"got {raw!r}"
+            )
+        mentioned = {name for pair in pairs.items() for name in pair} if pairs is not None else {raw}
+        unknown = sorted(mentioned - set(names))
+        if unknown:
+            raise GridError(f"grid {self.source!r}: baseline names {unknown} are not configurations; they are {names}")
+        same = [k for k, v in (pairs or {}).items() if k == v]
+        if same:
+            raise GridError(f"grid {self.source!r}: baseline pairs {same} with themselves")
+        return pairs if pairs is not None else raw
+
+    def comparisons(self, configs: Iterable[str], baseline: str | None = None) -> list[tuple[str, str]]:
+        """``(configuration, its baseline)`` pairs among ``configs`` (in their order).
+
+        Args:
+            configs: the configurations that were run (e.g. after ``--only``).
+            baseline: a configuration name that replaces the grid's ``baseline`` (``--baseline``).
+
+        Raises:
+            GridError: ``baseline`` is not a configuration of the grid.
+        """
+        configs = list(configs)
+        if baseline is not None:
+            known = [name for name, _ in self.configurations()]
+            if baseline not in known:
+                raise GridError(f"--baseline {baseline!r}: not a configuration of {self.source!r}; they are {known}")
+            chosen: str | dict[str, str] | None = baseline
+        else:
+            chosen = self.baseline
+        if chosen is None:
+            return []
+        if isinstance(chosen, str):
+            return [(c, chosen) for c in configs if c != chosen] if chosen in configs else []
+        return [(c, chosen[c]) for c in configs if c in chosen and chosen[c] in configs]
 
     # ------------------------------------------------------------------ expansion
     def configurations(self) -> list[tuple[str, dict[str, Any]]]:
@@ -229,7 +290,7 @@ class Grid:
         """Every run (configuration x seed), configurations outermost.
 
         Args:
-            mode: ``quick`` or ``full``.
+            mode: ``quick``, ``cpu`` or ``full``.
             seeds: seed count or list (default: the grid's for ``mode``).
             only: keep these configurations only (names as in :meth:`configurations`).
 

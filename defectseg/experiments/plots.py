@@ -5,6 +5,8 @@
 * :func:`plot_miou_per_method` -- the three IoU summaries (dataset-level mIoU over defect
   classes, image-wise IoU, global defect IoU) per method with error bars, and each seed's value
   as a dot.
+* :func:`plot_paired_differences` -- per configuration, its per-seed differences to its
+  baseline (one dot per seed) with their mean and 95 % t interval, one panel per metric.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from defectseg.experiments.results import METRICS, _number, aggregate, class_order, load_rows, summary_markdown, write_runs_csv
+from defectseg.experiments.results import (
+    METRICS,
+    _number,
+    aggregate,
+    class_order,
+    load_rows,
+    summary_markdown,
+    write_runs_csv,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from defectseg.experiments.runner import CompareSettings, PlannedRun
@@ -107,6 +117,68 @@ def plot_miou_per_method(rows: Sequence[dict[str, Any]], path: Path, title: str 
     return path
 
 
+def plot_paired_differences(
+    rows: Sequence[dict[str, Any]], comparisons: Sequence[Sequence[str]], path: Path, title: str = ""
+) -> Path | None:
+    """One panel per headline test metric: x = configuration (against its baseline), a dot per
+    seed's difference (labelled with the seed), the mean as a bar and the 95 % t interval as
+    its error bar (green: clearly better, red: clearly worse, grey: not clear); 0 dashed.
+
+    Returns:
+        ``path``, or ``None`` when no comparison has a pair.
+    """
+    from defectseg.experiments.paired import paired_differences, paired_metrics
+
+    metrics = paired_metrics(rows)
+    table = paired_differences(rows, comparisons, metrics)
+    metrics = [m for m in metrics if any(per[m.key].n for per in table.values())]
+    if not metrics:
+        return None
+    labels = [f"{config}\n- {baseline}" for config, baseline in table]
+    columns = min(3, len(metrics))
+    rows_count = -(-len(metrics) // columns)
+    width = max(3.2, 0.9 * len(labels) + 1.2)
+    figure = _figure(width * columns, 3.6 * rows_count + 0.4)
+    for index, metric in enumerate(metrics):
+        axes = figure.add_subplot(rows_count, columns, index + 1)
+        axes.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+        for position, per in enumerate(table.values()):
+            diff = per[metric.key]
+            if not diff.n:
+                continue
+            offsets = np.linspace(-0.15, 0.15, diff.n) if diff.n > 1 else np.zeros(1)
+            axes.scatter(position + offsets, diff.values, s=14, color="black", zorder=3)
+            for offset, (seed, value) in zip(offsets, diff.diffs):
+                axes.annotate(str(seed), (position + offset, value), xytext=(3, 2), textcoords="offset points", fontsize=6)
+            colour = "0.55"
+            if diff.clear and metric.higher_is_better is not None:
+                colour = "tab:green" if (diff.mean > 0) == metric.higher_is_better else "tab:red"
+            error = diff.half_width if diff.n > 1 else 0.0
+            axes.errorbar([position + 0.3], [diff.mean], yerr=[error], fmt="s", color=colour, capsize=4, markersize=5)
+        axes.set_xticks(np.arange(len(labels)), labels, fontsize=7)
+        axes.set_xlim(-0.6, len(labels) - 0.4)
+        direction = "" if metric.higher_is_better is None else (" (higher is better)" if metric.higher_is_better else " (lower is better)")
+        axes.set_title(f"{metric.title}{direction}", fontsize=9)
+        axes.set_ylabel("difference to baseline", fontsize=8)
+        axes.grid(axis="y", alpha=0.3)
+    heading = "Paired differences per seed (dots, seed numbers), mean and 95 % t interval (squares)"
+    figure.suptitle(f"{title}: {heading}" if title else heading, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, bbox_inches="tight")
+    return path
+
+
+def report_comparisons(
+    plan: Sequence[PlannedRun], settings: CompareSettings | None, plan_data: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """The ``(configuration, baseline)`` pairs to report: from the settings (``--baseline``
+    and the grid) when given, else those recorded in ``compare.json``."""
+    if settings is not None:
+        configs = list(dict.fromkeys(run.spec.config for run in plan))
+        return settings.grid.comparisons(configs, settings.baseline)
+    return [tuple(pair) for pair in plan_data.get("comparisons") or []]
+
+
 def write_reports(
     out: Path, plan: Sequence[PlannedRun], settings: CompareSettings | None, plan_data: dict[str, Any]
 ) -> dict[str, Path]:
@@ -116,11 +188,15 @@ def write_reports(
     write_runs_csv(rows, paths["runs"])
     plots = []
     finished = [r for r in rows if r.get("status") == "finished"]
+    comparisons = report_comparisons(plan, settings, plan_data)
     if finished:
         title = f"{plan_data.get('grid', '')} ({plan_data.get('mode', '')})"
         paths["iou_per_class"] = plot_iou_per_class(finished, out / "iou_per_class.png", title)
         paths["miou_per_method"] = plot_miou_per_method(finished, out / "miou_per_method.png", title)
-        plots = [p for p in (paths["iou_per_class"], paths["miou_per_method"]) if p is not None]
+        paths["paired_differences"] = plot_paired_differences(
+            finished, comparisons, out / "paired_differences.png", title
+        )
+        plots = [p for p in (paths["iou_per_class"], paths["miou_per_method"], paths["paired_differences"]) if p is not None]
     paths["summary"] = out / "summary.md"
-    paths["summary"].write_text(summary_markdown(rows, plan_data, plots))
+    paths["summary"].write_text(summary_markdown(rows, plan_data, plots, comparisons))
     return {k: v for k, v in paths.items() if v is not None}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:  # pragma: no cover
-    from defectseg.experiments.runner import CompareSettings, PlannedRun
+    from defectseg.experiments.runner import PlannedRun
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,32 @@ def _table(rows: Sequence[dict[str, Any]], configs: Sequence[str], columns: Sequ
     return lines
 
 
-def summary_markdown(rows: Sequence[dict[str, Any]], plan_data: dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """The ``summary.md`` text: context, headline table, per-class tables, definitions."""
+#: What each mode's numbers are, in one line of the summary.
+MODE_NOTES = {
+    "quick": "quick: a check of the pipeline (reduced resolution and schedule), not a measurement of the methods",
+    "cpu": "cpu: the base config is a CPU training recipe (e.g. `configs/magnetic_tile_cpu.yaml`), about 10 "
+    "minutes of training per run on 2 cores",
+    "full": "full: the paper settings (meant for a GPU)",
+}
+
+
+def summary_markdown(
+    rows: Sequence[dict[str, Any]],
+    plan_data: dict[str, Any],
+    plots: Sequence[str] = (),
+    comparisons: Sequence[Sequence[str]] | None = None,
+) -> str:
+    """The ``summary.md`` text: context, headline table, paired differences against the
+    baseline, per-class tables, definitions.
+
+    Args:
+        comparisons: ``(configuration, baseline)`` pairs of the paired table (default: the
+            ``comparisons`` recorded in ``plan_data``).
+    """
+    from defectseg.experiments.paired import paired_markdown
+
+    if comparisons is None:
+        comparisons = plan_data.get("comparisons") or []
     configs = list(dict.fromkeys(row["config"] for row in rows))
     finished = sum(1 for row in rows if row.get("status") == "finished")
     invocations = plan_data.get("invocations") or []
@@ -220,6 +244,14 @@ def summary_markdown(rows: Sequence[dict[str, Any]], plan_data: dict[str, Any], 
         + ("the best by the checkpoint monitor (`val/miou_defect` by default)."
            if plan_data.get("test_checkpoint", "best") == "best" else "the last one (end of training)."),
     ]
+    if plan_data.get("mode") in MODE_NOTES:
+        lines.append(f"- Mode {MODE_NOTES[plan_data['mode']]}.")
+    epochs = {_number(r.get("epochs")) for r in rows if r.get("status") == "finished"} - {None}
+    if len(epochs) > 1:
+        lines.append(
+            f"- Epochs trained differ between runs ({min(epochs):.0f} to {max(epochs):.0f}, `epochs` in `runs.csv`): "
+            "a `trainer.max_time` limit or an early stop cut some runs short; compare them with care."
+        )
     if invocations:
         total = sum(float(i.get("wall_time_s") or 0) for i in invocations)
         first, last = invocations[0], invocations[-1]
@@ -236,6 +268,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]], plan_data: dict[str, Any], 
     headline = [(m.key, m.title, m.higher_is_better) for m in METRICS if any(m.key in r for r in rows)]
     headline.append(("wall_time_s", "wall time (s)", None))
     lines += ["", "## Main metrics", ""] + _table(rows, configs, headline)
+    lines += paired_markdown(rows, comparisons)
     for prefix, title in (
         ("test/iou/", "Dataset-level IoU per class (`test/iou/<class>`)"),
         ("test/iou_imagewise/", "Image-wise IoU per class (`test/iou_imagewise/<class>`)"),

@@ -17,6 +17,7 @@ Output folder layout::
         checkpoints/                best-*.ckpt, last.ckpt
         logs/fit/metrics.csv        CSVLogger of the fit (fit_2, fit_3... after resumes)
         logs/test/metrics.csv       CSVLogger of the test
+        wandb/                      with --logger wandb: the run's W&B folder (fit and test)
         results.json                written last: the run is finished
 
 Resuming: a run with ``results.json`` is finished and skipped. A run without it restarts; its
@@ -50,13 +51,21 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from defectseg.experiments.grid import Grid, GridError, RunSpec, merge_config, substitute_seed
+from defectseg.experiments.grid import (
+    MODES,
+    Grid,
+    GridError,
+    RunSpec,
+    merge_config,
+    substitute_seed,
+)
 
 RESULTS_FILE = "results.json"
 STATE_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 PLAN_FILE = "compare.json"
-
+#: Loggers of ``defectseg compare --logger``: the CSV logger is always there (the harness reads it).
+LOGGERS = ("csv", "wandb")
 
 
 class LaunchResult(NamedTuple):
@@ -104,7 +113,9 @@ class CompareSettings:
         base: base config files (merged in order, as repeated ``--config`` are).
         grid: the grid.
         out: output folder.
-        quick: quick mode (else full).
+        mode: ``quick``, ``cpu`` or ``full`` (which fragment, seed count and tested checkpoint
+            of the grid apply).
+        quick: ``True`` is the same as ``mode="quick"`` (the older spelling).
         seeds: seed count or list (default: the grid's for the mode).
         overrides: ``key.sub=value`` applied to every run, after the grid's fragments.
         test_checkpoint: ``best`` or ``last`` (default: the grid's).
@@ -112,12 +123,17 @@ class CompareSettings:
         fail_fast: stop at the first failed run (else go on and report failures at the end).
         jobs: runs at the same time. With more than one, each run gets
             ``OMP_NUM_THREADS = cores // jobs`` unless the environment sets it.
+        baseline: the configuration every other one is paired against in ``summary.md``
+            (default: the grid's ``baseline``).
+        logger: ``csv`` (each run's CSVLogger only) or ``wandb`` (a WandbLogger too, one W&B
+            group per grid and output folder, the configuration as job type).
         python: interpreter of the subprocesses.
     """
 
     base: list[str]
     grid: Grid
     out: Path
+    mode: str = "full"
     quick: bool = False
     seeds: int | list[int] | None = None
     overrides: list[str] = field(default_factory=list)
@@ -125,11 +141,20 @@ class CompareSettings:
     only: list[str] | None = None
     fail_fast: bool = False
     jobs: int = 1
+    baseline: str | None = None
+    logger: str = "csv"
     python: str = sys.executable
 
-    @property
-    def mode(self) -> str:
-        return "quick" if self.quick else "full"
+    def __post_init__(self) -> None:
+        if self.quick:
+            if self.mode not in ("full", "quick"):
+                raise GridError(f"quick=True contradicts mode={self.mode!r}")
+            self.mode = "quick"
+        if self.mode not in MODES:
+            raise GridError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        self.quick = self.mode == "quick"
+        if self.logger not in LOGGERS:
+            raise GridError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
 
 
 # ---------------------------------------------------------------------- configs
@@ -151,12 +176,29 @@ def _without_progress_bars(callbacks: Any) -> Any:
     ]
 
 
-def harness_config(experiment: dict[str, Any], run_dir: Path, seed: int) -> dict[str, Any]:
+def _wandb_init_args(logger: Any) -> dict[str, Any]:
+    """``init_args`` of the first WandbLogger in a ``trainer.logger`` value (a block or a list)."""
+    for block in logger if isinstance(logger, list) else [logger]:
+        if isinstance(block, dict) and str(block.get("class_path", "")).endswith("WandbLogger"):
+            return dict(block.get("init_args") or {})
+    return {}
+
+
+def harness_config(
+    experiment: dict[str, Any], run_dir: Path, seed: int, wandb: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The config a run executes: ``experiment`` plus the harness's seed, folders and logger.
 
     Sets ``seed_everything``, ``trainer.default_root_dir`` and ``checkpoint.dirpath`` to the run
     folder, replaces ``trainer.logger`` with a CSVLogger in ``<run>/logs/fit`` and turns the
     progress bar off (dropping progress-bar callbacks).
+
+    With ``wandb`` (``group``, ``job_type``, ``name``, ``id``, ``tags``), the logger is a list:
+    a WandbLogger saving under ``<run>/wandb`` (its ``project`` and ``entity`` taken from the
+    experiment's own WandbLogger, else project ``defectseg``; online or offline as
+    ``WANDB_MODE`` says; ``resume: allow`` so a resumed fit and the test log to the same W&B
+    run), then the CSVLogger, last, so ``--trainer.logger.init_args.version`` still names its
+    folder. ``wandb.log_checkpoints`` defaults to false (the checkpoints stay in the run folder).
     """
     config = copy.deepcopy(experiment)
     config["seed_everything"] = int(seed)
@@ -164,10 +206,21 @@ def harness_config(experiment: dict[str, Any], run_dir: Path, seed: int) -> dict
     if not isinstance(trainer, dict):
         raise GridError(f"'trainer' must be a mapping, got {trainer!r}")
     trainer["default_root_dir"] = str(run_dir)
-    trainer["logger"] = {
+    csv_logger = {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": str(run_dir), "name": "logs", "version": "fit"},
     }
+    if wandb is None:
+        trainer["logger"] = csv_logger
+    else:
+        own = _wandb_init_args(trainer.get("logger"))
+        init_args = {"project": own.get("project") or "defectseg"}
+        if own.get("entity"):
+            init_args["entity"] = own["entity"]
+        init_args.update({"save_dir": str(run_dir), "resume": "allow", **wandb})
+        trainer["logger"] = [{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": init_args}, csv_logger]
+        extras = config.get("wandb") if isinstance(config.get("wandb"), dict) else {}
+        config["wandb"] = {"log_checkpoints": False, **extras}
     trainer["enable_progress_bar"] = False
     if "callbacks" in trainer:
         trainer["callbacks"] = _without_progress_bars(trainer["callbacks"])
@@ -434,11 +487,63 @@ class CompareRunner:
                 run_dir = self.out / "runs" / spec.config / f"seed_{spec.seed}"
                 experiment = experiment_config(base, s.grid, s.mode, spec, s.overrides)
                 experiment["seed_everything"] = spec.seed
+                wandb = self.wandb_run(spec) if s.logger == "wandb" else None
                 planned.append(
-                    PlannedRun(spec, run_dir, harness_config(experiment, run_dir, spec.seed), config_hash(experiment))
+                    PlannedRun(
+                        spec, run_dir, harness_config(experiment, run_dir, spec.seed, wandb), config_hash(experiment)
+                    )
                 )
             self._plan = planned
         return self._plan
+
+    def wandb_group(self) -> str:
+        """The W&B group of the grid's runs: ``<grid name>/<output folder name>``."""
+        return f"{self.settings.grid.name}/{self.out.name}"
+
+    def wandb_run(self, spec: RunSpec) -> dict[str, Any]:
+        """WandbLogger settings of one run: the grid's group, the configuration as job type, the
+        run key as name and an id stable across resumes (from the output folder and the key)."""
+        run_id = hashlib.sha256(f"{self.out}/{spec.key}".encode()).hexdigest()[:16]
+        return {
+            "group": self.wandb_group(),
+            "job_type": spec.config,
+            "name": spec.key,
+            "id": run_id,
+            "tags": [self.settings.grid.name, self.settings.mode],
+        }
+
+    def notes(self) -> list[str]:
+        """Lines worth saying before the grid runs: a mode the grid has no fragment for, a cpu
+        mode whose base is not a CPU recipe, where the W&B runs go."""
+        notes = []
+        plan = self.plan()
+        grid = self.settings.grid
+        if self.settings.mode not in grid.defined_modes:
+            notes.append(
+                f"grid {grid.source!r} has no `{self.settings.mode}:` fragment: the runs take the base config's "
+                "settings as they are"
+            )
+        if self.settings.mode == "cpu" and plan:
+            accelerator = (plan[0].config.get("trainer") or {}).get("accelerator", "auto")
+            if accelerator != "cpu":
+                notes.append(
+                    f"cpu mode, but the merged config has trainer.accelerator {accelerator!r}: cpu mode expects "
+                    "a CPU training recipe as --base (configs/magnetic_tile_cpu.yaml, configs/neu_seg_cpu.yaml), "
+                    "not the full-mode bases of configs/compare/"
+                )
+        if self.settings.logger == "wandb":
+            mode = os.environ.get("WANDB_MODE", "offline")
+            notes.append(
+                f"W&B ({mode}): group {self.wandb_group()!r}, job type = configuration; each run's W&B folder is "
+                "runs/<configuration>/seed_<n>/wandb/"
+                + (" (upload with `wandb sync <that folder>/offline-run-*`)" if mode in ("offline", "dryrun") else "")
+            )
+        return notes
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        """``(configuration, baseline)`` pairs of the paired table, among the planned configurations."""
+        configs = list(dict.fromkeys(run.spec.config for run in self.plan()))
+        return self.settings.grid.comparisons(configs, self.settings.baseline)
 
     def check_out_dir(self) -> None:
         """Refuse an existing, non-empty output folder that ``defectseg compare`` did not make,
@@ -679,6 +784,9 @@ class CompareRunner:
                 "overrides": list(s.overrides),
                 "seeds": s.grid.seed_list(s.mode, s.seeds),
                 "test_checkpoint": self.test_checkpoint_kind(),
+                "baseline": s.baseline if s.baseline is not None else s.grid.baseline,
+                "comparisons": [list(pair) for pair in self.comparisons()],
+                "logger": s.logger,
                 "configurations": list(dict.fromkeys(r.spec.config for r in self.plan())),
                 "runs": [r.spec.key for r in self.plan()],
             }
@@ -719,6 +827,8 @@ class CompareRunner:
             f"{len(seeds)} seeds = {len(plan)} runs; {len(plan) - len(todo)} finished earlier, "
             f"{len(todo)} to run -> {self.out}"
         )
+        for note in self.notes():
+            self.log(note)
         if todo and validate:
             self.validate()
         self.out.mkdir(parents=True, exist_ok=True)
