@@ -116,6 +116,35 @@ def test_dice_by_hand_and_on_an_all_background_batch():
     assert_same_gradient(ours, ref, logits)
 
 
+def test_dice_absent_drop_averages_only_the_classes_present_in_the_batch():
+    # all background, with predicted defect mass: "include" penalises it, "drop" keeps only class 0
+    background = torch.zeros(1, 1, 4, dtype=torch.long)
+    logits = two_class([0.9, 0.9, 0.8, 0.7])
+    mass = 0.1 + 0.1 + 0.2 + 0.3
+    dice0 = (2 * (4 - mass) + 1) / (2 * 4 - mass + 1)
+    assert DiceLoss(absent="drop")(logits, background).item() == pytest.approx(1 - dice0, rel=1e-5)
+    assert DiceLoss(absent="include")(logits, background).item() == pytest.approx(
+        1 - (dice0 + 1 / (mass + 1)) / 2, rel=1e-5
+    )
+    # three classes, class 2 absent, one pixel ignored: the mean runs over classes 0 and 1 only
+    logits, target = random_batch(3, seed=7)
+    target = torch.where(target == 2, torch.zeros_like(target), target)
+    assert (target == 1).any() and not (target == 2).any()
+    valid = (target != IGNORE).unsqueeze(1).double()
+    probs = logits.double().softmax(1) * valid
+    onehot = F.one_hot(torch.where(target == IGNORE, 0, target), 3).permute(0, 3, 1, 2).double() * valid
+    inter, card = (probs * onehot).sum((0, 2, 3)), probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    per_class = (2 * inter + 1) / (card + 1)
+    assert DiceLoss(absent="drop")(logits, target).item() == pytest.approx(1 - per_class[:2].mean().item(), rel=1e-5)
+    no_bg = DiceLoss(absent="drop", include_background=False)(logits, target)
+    assert no_bg.item() == pytest.approx(1 - per_class[1].item(), rel=1e-5)
+    # no class kept (background excluded, an all-background batch): 0 with a gradient path
+    empty = DiceLoss(absent="drop", include_background=False)(logits.requires_grad_(), torch.zeros_like(target))
+    assert empty.item() == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="absent must be 'include' or 'drop', got 'skip'"):
+        DiceLoss(absent="skip")
+
+
 def test_tversky_by_hand_and_as_dice():
     logits = two_class([0.8, 0.4])
     target = torch.tensor([[[0, 1]]])

@@ -350,3 +350,28 @@ def test_every_documented_fit_command_keeps_wandb_and_the_progress_bar():
         assert logger.get("init_args", {}).get("offline") is True, f"W&B not offline: {where}"
         callbacks = [c.get("class_path", "") for c in merged.get("callbacks") or []]
         assert any(c.endswith("RichProgressBar") for c in callbacks), f"no rich progress bar: {where}"
+
+
+@pytest.mark.parametrize("val_every", [1, 2])
+def test_last_checkpoint_holds_the_final_step_when_the_metric_stops_improving(tmp_path, val_every):
+    """lr 0: the monitored metric never improves after the first validation. Lightning 2.6 alone
+    would leave last.ckpt at that first validation; ours holds every later one and the end."""
+    from defectseg.callbacks.checkpoint import ResumableCheckpoint
+    from defectseg.data import SyntheticDefectsDataModule
+    from defectseg.models import SegmentationModule
+
+    data = SyntheticDefectsDataModule(num_images=12, image_size=32, batch_size=4, augment=False, seed=0)
+    model = SegmentationModule(num_classes=data.num_classes, encoder_depth=3, decoder_channels=[8, 8, 8], lr=0.0)
+    checkpoint = ResumableCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/miou_defect", mode="max", filename="best-{epoch:03d}"
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, accelerator="cpu", logger=False, callbacks=[checkpoint], max_epochs=3,
+        check_val_every_n_epoch=val_every, num_sanity_val_steps=0, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    bests = sorted(p.name for p in (tmp_path / "ckpt").glob("best-*.ckpt"))
+    assert len(bests) == 1  # only the first validation counted as an improvement
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert state["global_step"] == trainer.global_step and state["epoch"] >= 2

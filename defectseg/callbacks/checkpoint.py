@@ -15,8 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class ResumableCheckpoint(ModelCheckpoint):
     """:class:`~lightning.pytorch.callbacks.ModelCheckpoint` that keeps an up-to-date last checkpoint.
 
-    Besides the usual best-k checkpoints, ``last.ckpt`` is written after every validation and,
-    with ``save_on_exception`` (on by default), also when the run stops on an exception or
+    Besides the usual best-k checkpoints, ``last.ckpt`` is written after every validation (also
+    when the monitored metric did not improve: Lightning 2.6 alone refreshes it only together with
+    a best-k checkpoint, which left ``last.ckpt`` at the last improving epoch) and at the end of
+    training, and, with ``save_on_exception`` (on by default), also when the run stops on an exception or
     Ctrl-C, at the step where it stopped, so ``defectseg fit ... --ckpt_path last`` resumes
     exactly there. That uses Lightning's own on-exception checkpointing, which also keeps the
     stopped state as ``interrupted-<epoch>-<step>.ckpt`` (not among the best checkpoints);
@@ -42,10 +44,38 @@ class ResumableCheckpoint(ModelCheckpoint):
         finally:
             self.filename, self.auto_insert_metric_name = filename, auto_insert
 
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_step = trainer.global_step
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` unless it already holds this step (or nothing may be saved now)."""
+        if (
+            not self.save_last
+            or trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or getattr(self, "_last_saved_step", None) == trainer.global_step
+        ):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:  # a smoke test writes nothing (Lightning 2.6 would save last.ckpt)
             return
         super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)  # e.g. max_time stopped the run between two validations
 
 
 def resolve_checkpoint(name: str, dirpath: str | os.PathLike | None) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -148,32 +148,51 @@ class DiceLoss(nn.Module):
     Sums run over the whole batch and all non-ignored pixels; ``P_k`` is the sum of the softmax
     probabilities of class k, ``T_k`` its pixel count in the target and ``I_k`` their overlap.
 
-    Every class is averaged, including classes absent from the batch: for an absent class the
-    term is ``1 - s / (P_k + s)``, which is 0 when nothing is predicted and grows with the
-    predicted probability mass. So, unlike segmentation-models-pytorch's Dice (which drops
-    absent classes), this loss penalises false positives on defect-free images, and on an
-    all-background batch with a perfect prediction it is 0.
+    With ``absent="include"`` (default) every class is averaged, including classes absent from
+    the batch: for an absent class the term is ``1 - s / (P_k + s)``, which is 0 when nothing is
+    predicted and grows with the predicted probability mass. So this loss penalises false
+    positives on defect-free images, and on an all-background batch with a perfect prediction it
+    is 0. With ``absent="drop"`` only the classes present in the batch's target are averaged
+    (as segmentation-models-pytorch's Dice does): rare classes are then never pushed down in the
+    many batches that lack them, which lets them start learning early when training from scratch
+    on a dataset like Magnetic Tile (the cross-entropy term still handles false positives).
 
     Args:
         smooth: ``s`` above (avoids 0/0; a larger value softens small classes).
         include_background: average class 0 too.
         ignore_index: mask value to ignore.
+        absent: ``include`` or ``drop`` the classes absent from the batch (see above). A batch
+            without any class kept gives a loss of 0.
     """
 
-    def __init__(self, smooth: float = 1.0, include_background: bool = True, ignore_index: int = 255) -> None:
+    def __init__(
+        self,
+        smooth: float = 1.0,
+        include_background: bool = True,
+        ignore_index: int = 255,
+        absent: Literal["include", "drop"] = "include",
+    ) -> None:
         super().__init__()
         if smooth <= 0:
             raise ValueError(f"smooth must be > 0, got {smooth}")
+        if absent not in ("include", "drop"):
+            raise ValueError(f"absent must be 'include' or 'drop', got {absent!r}")
         self.smooth = smooth
         self.include_background = include_background
         self.ignore_index = ignore_index
+        self.absent = absent
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         check_inputs(logits, target)
         tp, fp, fn = soft_counts(logits.float().softmax(dim=1), target, self.ignore_index)
         dice = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth)
+        present = (tp + fn) > 0
         if not self.include_background:
-            dice = dice[1:]
+            dice, present = dice[1:], present[1:]
+        if self.absent == "drop":
+            if not present.any():
+                return logits.sum() * 0.0
+            dice = dice[present]
         return 1.0 - dice.mean()
 
 
