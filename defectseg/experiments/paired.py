@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from defectseg.experiments.results import METRICS, MetricInfo, _number
+from defectseg.experiments.metric_info import METRICS, MetricInfo, _number
 
 #: t(0.975, dof) for dof = 1..30 (two-sided 95 %); above 30 the normal quantile is used.
 T_975 = (
