@@ -124,6 +124,33 @@ def test_runner_hands_each_run_its_own_gpus(tmp_path, monkeypatch):
     assert saved["trainer"]["devices"] == 2
 
 
+def test_without_devices_per_run_a_run_gets_the_gpus_its_config_asks_for(tmp_path):
+    """trainer.devices 2 in the config, 4 faked GPUs, --jobs 2: each run sees 2 GPUs; `auto`
+    takes them all (one run at a time); 3 asked of 2 is an error naming trainer.devices."""
+    from defectseg.experiments.runner import configured_devices
+
+    assert [configured_devices({"trainer": {"devices": d}}, 4) for d in (2, "2", [0, 3], "0,1,2", -1, "auto")] == [
+        2, 2, 2, 3, 4, 4]
+    assert configured_devices({}, 4) == 4  # Lightning's default is auto
+    envs: list[str] = []
+    fake = FakeLauncher()
+
+    def launcher(command, log_path, env):
+        envs.append(env["CUDA_VISIBLE_DEVICES"])
+        return fake(command, log_path, env)
+
+    settings = fake_settings(tmp_path, jobs=2, gpus=["0", "1", "2", "3"], overrides=["trainer.devices=2"])
+    CompareRunner(settings, launcher=launcher, printer=lambda s: None).run(validate=False)
+    assert sorted(set(envs)) == ["0,1", "2,3"] and len(envs) == 4
+    (tmp_path / "auto").mkdir()
+    (tmp_path / "three").mkdir()
+    settings = fake_settings(tmp_path / "auto", jobs=2, gpus=["0", "1"])
+    assert CompareRunner(settings, printer=lambda s: None).device_plan().slots == (("0", "1"),)
+    settings = fake_settings(tmp_path / "three", gpus=["0", "1"], overrides=["trainer.devices=3"])
+    with pytest.raises(GridError, match="trainer.devices 3 asks for more GPUs than are visible"):
+        CompareRunner(settings, printer=lambda s: None).device_plan()
+
+
 def test_cpu_runs_on_a_gpu_machine_split_the_cores_and_get_no_gpu(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     envs: list[dict] = []

@@ -279,13 +279,16 @@ class SubmititExecutor:
 
     # ------------------------------------------------------------------ building
     def gpus_per_job(self, runner: CompareRunner, runs: Sequence[PlannedRun]) -> int:
-        from defectseg.experiments.runner import _trains_on_gpu
+        """``gpus_per_job``, else ``--devices-per-run``, else what the runs' ``trainer.devices``
+        asks for (``auto``: one), else 0 for runs that train on the CPU."""
+        from defectseg.experiments.runner import _trains_on_gpu, configured_devices
 
         if self.cluster.gpus_per_job is not None:
             return self.cluster.gpus_per_job
-        if not any(_trains_on_gpu(run.config) for run in runs):
+        gpu_runs = [run.config for run in runs if _trains_on_gpu(run.config)]
+        if not gpu_runs:
             return 0
-        return runner.settings.devices_per_run or 1
+        return runner.settings.devices_per_run or max(configured_devices(config, 1) for config in gpu_runs)
 
     def make_executor(self, runner: CompareRunner, runs: Sequence[PlannedRun]) -> Any:
         """The submitit executor, its parameters set."""

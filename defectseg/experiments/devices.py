@@ -82,6 +82,7 @@ def plan_devices(
     devices_per_run: int | None = None,
     cores: int | None = None,
     on_gpu: bool = True,
+    source: str = "--devices-per-run",
 ) -> DevicePlan:
     """Split the machine between ``jobs`` runs.
 
@@ -92,6 +93,8 @@ def plan_devices(
         cores: CPU cores (default: :func:`cpu_cores`).
         on_gpu: whether the runs train on a GPU (``False`` for a config with
             ``trainer.accelerator: cpu``: the cores are split and no GPU is handed out).
+        source: where ``devices_per_run`` came from, for messages (``--devices-per-run`` or
+            the configs' ``trainer.devices``).
 
     Raises:
         GridError: ``jobs`` or ``devices_per_run`` below 1, or more GPUs per run than there are.
@@ -100,20 +103,20 @@ def plan_devices(
         raise GridError(f"--jobs must be >= 1, got {jobs}")
     per_run = 1 if devices_per_run is None else devices_per_run
     if per_run < 1:
-        raise GridError(f"--devices-per-run must be >= 1, got {devices_per_run}")
+        raise GridError(f"{source} must be >= 1, got {devices_per_run}")
     cores = cpu_cores() if cores is None else cores
     notes: list[str] = []
     if not on_gpu or not gpus:
         if devices_per_run is not None and devices_per_run > 1 and on_gpu:
             raise GridError(
-                f"--devices-per-run {devices_per_run} needs GPUs, but none is visible "
+                f"{source} {devices_per_run} needs GPUs, but none is visible "
                 "(CUDA_VISIBLE_DEVICES, torch.cuda.device_count()); drop the option to run on the CPU"
             )
         threads = max(1, cores // jobs) if jobs > 1 else None
         return DevicePlan(slots=tuple(() for _ in range(jobs)), threads=threads)
     if per_run > len(gpus):
         raise GridError(
-            f"--devices-per-run {per_run} asks for more GPUs than are visible ({len(gpus)}: {','.join(gpus)})"
+            f"{source} {per_run} asks for more GPUs than are visible ({len(gpus)}: {','.join(gpus)})"
         )
     free = len(gpus) // per_run
     if jobs > free:

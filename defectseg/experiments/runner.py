@@ -266,6 +266,23 @@ def experiment_config(
     return config
 
 
+def configured_devices(config: dict[str, Any], available: int) -> int:
+    """How many GPUs a run's ``trainer.devices`` asks for: an int, a list of indices (its
+    length), or ``auto`` / ``-1`` (all ``available``)."""
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return max(1, len([part for part in text.split(",") if part.strip()]))
+        devices = int(text) if text.lstrip("-").isdigit() else -1
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return available if devices < 0 else max(1, devices)
+    return 1
+
+
 def _trains_on_gpu(config: dict[str, Any]) -> bool:
     """Whether a run's config may train on a GPU (``trainer.accelerator`` other than ``cpu``)."""
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
@@ -535,8 +552,14 @@ class CompareRunner:
         if self._devices is None:
             s = self.settings
             gpus = list(s.gpus) if s.gpus is not None else visible_gpus()
-            on_gpu = any(_trains_on_gpu(run.config) for run in self.plan())
-            self._devices = plan_devices(s.jobs, gpus, s.devices_per_run, on_gpu=on_gpu)
+            gpu_runs = [run.config for run in self.plan() if _trains_on_gpu(run.config)]
+            per_run = s.devices_per_run
+            if per_run is None and gpus and gpu_runs:  # without --devices-per-run: what the configs ask
+                per_run = max(configured_devices(config, len(gpus)) for config in gpu_runs)
+            self._devices = plan_devices(
+                s.jobs, gpus, per_run, on_gpu=bool(gpu_runs),
+                source="--devices-per-run" if s.devices_per_run is not None else "trainer.devices",
+            )
         return self._devices
 
     def wandb_group(self) -> str:
