@@ -4,6 +4,8 @@
         --out results/mt_losses --quick
     defectseg compare --base configs/magnetic_tile_cpu.yaml --grid configs/compare/dli_balanced.yaml \\
         --out results/mt_dli_balanced --mode cpu --jobs 2
+    defectseg compare ... --jobs 4 --devices-per-run 2          # one node: 2 GPUs per run
+    defectseg compare ... --executor slurm --slurm-partition gpu --slurm-time 4:00:00   # a cluster
 
 Each run is ``defectseg fit`` + ``defectseg test`` in a subprocess, from the merged config saved
 in ``OUT/runs/<configuration>/seed_<n>/config.yaml``. Running the same command again resumes:
@@ -26,9 +28,20 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as account=lab, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().lstrip("-"), value.strip()
+
+
+def _gpu_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from defectseg.experiments.grid import MODES  # the experiments import Lightning: only when run
-    from defectseg.experiments.runner import LOGGERS
+    from defectseg.experiments.runner import EXECUTORS, LOGGERS
 
     parser = argparse.ArgumentParser(
         prog="defectseg compare",
@@ -78,7 +91,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs at the same time (default 1); each then gets cores/jobs threads (OMP_NUM_THREADS) unless "
         "set. On a small CPU, --jobs 2 with one thread per run uses the cores better than one run with two",
     )
+    parser.add_argument(
+        "--devices-per-run", type=int, default=None, metavar="K",
+        help="GPUs of each run: on a machine with G GPUs at most G/K runs go at once, each with its own GPUs "
+        "(CUDA_VISIBLE_DEVICES) and trainer.devices K (default: one GPU per run, trainer.devices as configured)",
+    )
+    parser.add_argument(
+        "--gpus", type=_gpu_list, default=None, metavar="0,1,...",
+        help="the GPUs to hand out (default: every visible one, CUDA_VISIBLE_DEVICES or all)",
+    )
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    cluster = parser.add_argument_group(
+        "cluster", "where the runs go: local subprocesses (default) or jobs through submitit "
+        '(pip install "defectseg[cluster]"); a grid file\'s `slurm:` section sets the same, these options win'
+    )
+    cluster.add_argument(
+        "--executor", choices=list(EXECUTORS), default="local",
+        help="local: subprocesses here (--jobs at a time); slurm: one SLURM job array, a run per job, requeued "
+        "and resumed from last.ckpt after a time-out or pre-emption; submitit-local: the same jobs as local "
+        "processes (to try a cluster set-up)",
+    )
+    cluster.add_argument("--slurm-partition", default=None, metavar="NAME", help="SLURM partition")
+    cluster.add_argument(
+        "--slurm-time", default=None, metavar="TIME",
+        help="time limit of a job: minutes or [D-]HH:MM:SS; a longer run is requeued and resumes",
+    )
+    cluster.add_argument("--slurm-gpus", type=int, default=None, metavar="N", help="GPUs per job (default --devices-per-run or 1)")
+    cluster.add_argument("--slurm-cpus", type=int, default=None, metavar="N", help="CPU cores per job")
+    cluster.add_argument("--slurm-mem-gb", type=float, default=None, metavar="GB", help="memory per job")
+    cluster.add_argument(
+        "--slurm-array-parallelism", type=int, default=None, metavar="N", help="jobs of the array running at once",
+    )
+    cluster.add_argument(
+        "--slurm-setup", action="append", default=None, metavar="LINE",
+        help="a shell line run in each job first, e.g. 'module load cuda' (repeatable)",
+    )
+    cluster.add_argument(
+        "--sbatch", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
+        help="another #SBATCH option, e.g. --sbatch account=lab --sbatch qos=high (repeatable)",
+    )
     parser.add_argument(
         "--dry-run", action="store_true",
         help="print the runs, check their configs with the defectseg parser, run nothing",
@@ -154,8 +205,24 @@ def compare_command(argv: list[str]) -> int:
             jobs=args.jobs,
             baseline=args.baseline,
             logger=args.logger,
+            devices_per_run=args.devices_per_run,
+            gpus=args.gpus,
+            executor=args.executor,
         )
-        runner = CompareRunner(settings)
+        executor = None
+        if args.executor != "local" and not (args.report_only or args.dry_run):
+            from defectseg.experiments.cluster import ClusterSettings, SubmititExecutor
+
+            cluster = ClusterSettings.from_mapping(grid.slurm, source=f"grid {grid.source!r}: slurm").merged(
+                {
+                    "partition": args.slurm_partition, "time": args.slurm_time, "gpus_per_job": args.slurm_gpus,
+                    "cpus_per_job": args.slurm_cpus, "mem_gb": args.slurm_mem_gb,
+                    "array_parallelism": args.slurm_array_parallelism, "setup": args.slurm_setup,
+                    "sbatch": dict(args.sbatch) if args.sbatch else None,
+                }
+            )
+            executor = SubmititExecutor(args.executor, cluster)
+        runner = CompareRunner(settings, executor=executor)
         plan = runner.plan()
         runner.comparisons()  # an unknown --baseline stops here
         if not args.report_only:

@@ -596,13 +596,15 @@ class DefectDataModule(L.LightningDataModule):
         return streams.train_loader(self)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("val"), shuffle=False)
+        """The validation split in order (under DDP, each rank's share: see
+        :func:`defectseg.data.streams.eval_loader`)."""
+        return streams.eval_loader(self, self.make_dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("test"), shuffle=False)
+        return streams.eval_loader(self, self.make_dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.make_dataset("test"), shuffle=False)
+        return streams.eval_loader(self, self.make_dataset("test"))
 
     def describe(self) -> str:
         """One line per split with image counts, for logs."""

@@ -53,6 +53,41 @@ def make_loader(datamodule: Any, dataset: Dataset, shuffle: bool, **kwargs: Any)
     )
 
 
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """Rank ``rank``'s share of ``size`` items in order: ``rank, rank + replicas, ...``.
+
+    Unlike :class:`~torch.utils.data.DistributedSampler` it pads nothing, so every image of a
+    validation or test split is counted once over the ranks (the shares differ by at most one).
+    """
+
+    def __init__(self, size: int, num_replicas: int, rank: int) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"ShardSampler: rank {rank} is not in 0..{num_replicas - 1}")
+        self.indices = list(range(rank, size, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_loader(datamodule: Any, dataset: Dataset) -> DataLoader:
+    """The loader of a validation, test or predict split, in order.
+
+    Under a multi-process trainer with ``use_distributed_sampler=False`` (as DLI needs), each
+    rank gets its own share of the split (:class:`ShardSampler`); Lightning's sampler, when it
+    is on, does the same. Metrics are synced over the ranks, so they describe the whole split.
+    """
+    trainer = getattr(datamodule, "trainer", None)
+    world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if world > 1 and not getattr(connector, "use_distributed_sampler", True):
+        sampler = ShardSampler(len(dataset), world, int(trainer.global_rank))
+        return make_loader(datamodule, dataset, shuffle=False, sampler=sampler)
+    return make_loader(datamodule, dataset, shuffle=False)
+
+
 def distributed_context(datamodule: Any) -> tuple[int, int]:
     """``(world_size, rank)`` for the training loader, from the attached trainer if any.
 
@@ -68,8 +103,8 @@ def distributed_context(datamodule: Any) -> tuple[int, int]:
             raise RuntimeError(
                 "DLI splits the training batches across ranks itself, but the trainer has "
                 "use_distributed_sampler=True, which would replace its batch sampler. Set "
-                "trainer.use_distributed_sampler: false in the config (validation loaders then "
-                "run the whole split on every rank, which leaves the synced metrics unchanged)."
+                "trainer.use_distributed_sampler: false in the config (the validation and test loaders "
+                "then split their images across the ranks themselves)."
             )
         return world, rank
     return process_group()

@@ -23,6 +23,11 @@ A grid file (see ``configs/compare/``) is a YAML mapping::
       encoder:
         resnet18: {model: {init_args: {encoder: resnet18}}}
         mobilenet_v2: {model: {init_args: {encoder: mobilenet_v2}}}
+    slurm:                            # optional: what each job asks for with --executor slurm
+      partition: gpu                  # (see defectseg.experiments.cluster.ClusterSettings;
+      time: "4:00:00"                 #  the --slurm-* options win)
+      gpus_per_job: 1
+      cpus_per_job: 8
 
 The configurations are the product of ``configurations`` (one axis) and every axis of
 ``axes``, in file order; a configuration's name joins its values' names with ``-``
@@ -53,7 +58,7 @@ from defectseg.config import merge_config
 #: Keys a grid file may hold.
 GRID_KEYS = (
     "name", "description", "seeds", "test_checkpoint", "baseline", "common", "quick", "cpu", "full",
-    "configurations", "axes",
+    "configurations", "axes", "slurm",
 )
 #: Modes of a grid: ``quick`` (pipeline check on a CPU), ``cpu`` (a CPU training recipe as
 #: base) and ``full`` (paper settings).
@@ -109,6 +114,7 @@ class Grid:
         baseline: the configuration every other one is paired against (a name), or
             ``{configuration: its baseline}``; ``None`` for no paired comparison.
         defined_modes: the modes whose fragment the file has (even an empty one).
+        slurm: the ``slurm:`` section (job resources for ``--executor slurm``), unparsed.
         source: the file it came from (for messages).
     """
 
@@ -121,6 +127,7 @@ class Grid:
     test_checkpoint: dict[str, str] = field(default_factory=lambda: {mode: "best" for mode in MODES})
     baseline: str | dict[str, str] | None = None
     defined_modes: tuple[str, ...] = MODES
+    slurm: dict[str, Any] = field(default_factory=dict)
     source: str = "<grid>"
 
     # ------------------------------------------------------------------ loading
@@ -158,6 +165,9 @@ class Grid:
             axes.append((str(axis), _values(values, f"axes.{axis}", source)))
         if not axes:
             raise GridError(f"grid {source!r} defines no configuration: add 'configurations' or 'axes'")
+        slurm = data.get("slurm") or {}
+        if not isinstance(slurm, Mapping):
+            raise GridError(f"grid {source!r}: 'slurm' must map job settings (partition, time, ...) to values")
         common = data.get("common") or {}
         if not isinstance(common, Mapping):
             raise GridError(f"grid {source!r}: 'common' must be a config fragment (a mapping)")
@@ -205,6 +215,7 @@ class Grid:
             test_checkpoint=test_checkpoint,
             baseline=data.get("baseline"),
             defined_modes=tuple(mode for mode in MODES if mode in data),
+            slurm=dict(slurm),
             source=source,
         )
         names = [name for name, _ in grid.configurations()]

@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
+from defectseg.experiments.devices import DevicePlan, plan_devices, visible_gpus
 from defectseg.experiments.grid import (
     MODES,
     Grid,
@@ -66,6 +67,8 @@ CONFIG_FILE = "config.yaml"
 PLAN_FILE = "compare.json"
 #: Loggers of ``defectseg compare --logger``: the CSV logger is always there (the harness reads it).
 LOGGERS = ("csv", "wandb")
+#: Executors of ``defectseg compare --executor``: subprocesses here, or submitit (SLURM or local).
+EXECUTORS = ("local", "slurm", "submitit-local")
 
 
 class LaunchResult(NamedTuple):
@@ -127,6 +130,14 @@ class CompareSettings:
             (default: the grid's ``baseline``).
         logger: ``csv`` (each run's CSVLogger only) or ``wandb`` (a WandbLogger too, one W&B
             group per grid and output folder, the configuration as job type).
+        devices_per_run: GPUs of each run (``--devices-per-run``): on a machine with G GPUs at
+            most ``G // devices_per_run`` runs go at once, each with its own GPUs through
+            ``CUDA_VISIBLE_DEVICES``, and ``trainer.devices`` of the runs is set to it. ``None``:
+            one GPU per run and ``trainer.devices`` as the config says.
+        gpus: the GPUs to hand out (``CUDA_VISIBLE_DEVICES`` entries); ``None``: every visible one.
+        executor: ``local`` (subprocesses on this machine), ``slurm`` (a SLURM job array through
+            submitit) or ``submitit-local`` (the same submitit code path on this machine); the
+            runner is given the submitit executor (:mod:`defectseg.experiments.cluster`).
         python: interpreter of the subprocesses.
     """
 
@@ -143,6 +154,9 @@ class CompareSettings:
     jobs: int = 1
     baseline: str | None = None
     logger: str = "csv"
+    devices_per_run: int | None = None
+    gpus: list[str] | None = None
+    executor: str = "local"
     python: str = sys.executable
 
     def __post_init__(self) -> None:
@@ -155,6 +169,10 @@ class CompareSettings:
         self.quick = self.mode == "quick"
         if self.logger not in LOGGERS:
             raise GridError(f"logger must be one of {list(LOGGERS)}, got {self.logger!r}")
+        if self.executor not in EXECUTORS:
+            raise GridError(f"executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
+        if self.devices_per_run is not None and self.devices_per_run < 1:
+            raise GridError(f"devices_per_run must be >= 1, got {self.devices_per_run}")
 
 
 # ---------------------------------------------------------------------- configs
@@ -246,6 +264,29 @@ def experiment_config(
         key, value = item.split("=", 1)
         set_dotted(config, key.lstrip("-"), yaml.safe_load(value))
     return config
+
+
+def configured_devices(config: dict[str, Any], available: int) -> int:
+    """How many GPUs a run's ``trainer.devices`` asks for: an int, a list of indices (its
+    length), or ``auto`` / ``-1`` (all ``available``)."""
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    if isinstance(devices, str):
+        text = devices.strip()
+        if "," in text:
+            return max(1, len([part for part in text.split(",") if part.strip()]))
+        devices = int(text) if text.lstrip("-").isdigit() else -1
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return available if devices < 0 else max(1, devices)
+    return 1
+
+
+def _trains_on_gpu(config: dict[str, Any]) -> bool:
+    """Whether a run's config may train on a GPU (``trainer.accelerator`` other than ``cpu``)."""
+    trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
+    return str(trainer.get("accelerator", "auto")).lower() != "cpu"
 
 
 def validate_config(path: Path) -> str | None:
@@ -445,6 +486,10 @@ class CompareRunner:
         settings: what to run.
         launcher: runs one subprocess (tests replace it); default :func:`default_launcher`.
         printer: where progress lines go (default ``print``, flushed).
+        executor: runs the unfinished runs somewhere else (an object with
+            ``execute(runner, todo, failed, durations)``, such as
+            :class:`defectseg.experiments.cluster.SubmititExecutor`); ``None``: subprocesses on
+            this machine, ``settings.jobs`` at a time.
     """
 
     def __init__(
@@ -452,13 +497,16 @@ class CompareRunner:
         settings: CompareSettings,
         launcher: Launcher | None = None,
         printer: Callable[[str], None] | None = None,
+        executor: Any = None,
     ) -> None:
         self.settings = settings
         self.launcher = launcher or default_launcher
         self.printer = printer or (lambda line: print(line, flush=True))
+        self.executor = executor
         self.out = Path(settings.out).resolve()
         self._plan: list[PlannedRun] | None = None
         self._invocation: int | None = None
+        self._devices: DevicePlan | None = None
 
     def log(self, message: str) -> None:
         self.printer(f"[compare] {message}")
@@ -487,6 +535,8 @@ class CompareRunner:
                 run_dir = self.out / "runs" / spec.config / f"seed_{spec.seed}"
                 experiment = experiment_config(base, s.grid, s.mode, spec, s.overrides)
                 experiment["seed_everything"] = spec.seed
+                if s.devices_per_run is not None and _trains_on_gpu(experiment):
+                    experiment.setdefault("trainer", {})["devices"] = s.devices_per_run
                 wandb = self.wandb_run(spec) if s.logger == "wandb" else None
                 planned.append(
                     PlannedRun(
@@ -495,6 +545,22 @@ class CompareRunner:
                 )
             self._plan = planned
         return self._plan
+
+    def device_plan(self) -> DevicePlan:
+        """How this invocation's local runs share the machine's GPUs or cores (see
+        :mod:`defectseg.experiments.devices`)."""
+        if self._devices is None:
+            s = self.settings
+            gpus = list(s.gpus) if s.gpus is not None else visible_gpus()
+            gpu_runs = [run.config for run in self.plan() if _trains_on_gpu(run.config)]
+            per_run = s.devices_per_run
+            if per_run is None and gpus and gpu_runs:  # without --devices-per-run: what the configs ask
+                per_run = max(configured_devices(config, len(gpus)) for config in gpu_runs)
+            self._devices = plan_devices(
+                s.jobs, gpus, per_run, on_gpu=bool(gpu_runs),
+                source="--devices-per-run" if s.devices_per_run is not None else "trainer.devices",
+            )
+        return self._devices
 
     def wandb_group(self) -> str:
         """The W&B group of the grid's runs: ``<grid name>/<output folder name>``."""
@@ -530,6 +596,13 @@ class CompareRunner:
                     f"cpu mode, but the merged config has trainer.accelerator {accelerator!r}: cpu mode expects "
                     "a CPU training recipe as --base (configs/magnetic_tile_cpu.yaml, configs/neu_seg_cpu.yaml), "
                     "not the full-mode bases of configs/compare/"
+                )
+        if self.executor is None and plan:
+            devices = self.device_plan()
+            notes.extend(devices.notes)
+            if devices.uses_gpus:
+                notes.append(
+                    "GPUs per run: " + "; ".join(f"slot {i}: CUDA_VISIBLE_DEVICES={','.join(g)}" for i, g in enumerate(devices.slots))
                 )
         if self.settings.logger == "wandb":
             mode = os.environ.get("WANDB_MODE", "offline")
@@ -593,20 +666,27 @@ class CompareRunner:
             )
 
     # ------------------------------------------------------------------ running
-    def _env(self) -> dict[str, str]:
+    def run_env(self, slot: int | None = 0) -> dict[str, str]:
+        """The environment of a run's worker: this one's, with ``WANDB_MODE`` offline unless
+        set, and for ``slot`` (a local run) its GPUs (``CUDA_VISIBLE_DEVICES``) or its share of
+        the cores (``OMP_NUM_THREADS``). ``slot=None`` (a cluster job): the devices are the
+        scheduler's."""
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("WANDB_MODE", "offline")
-        if self.settings.jobs > 1 and "OMP_NUM_THREADS" not in env:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            env["OMP_NUM_THREADS"] = str(max(1, cores // self.settings.jobs))
+        if slot is not None:
+            env = self.device_plan().env(slot, env)
         return env
 
-    def run_one(self, run: PlannedRun) -> dict[str, Any]:
+    def run_one(self, run: PlannedRun, env: dict[str, str] | None = None) -> dict[str, Any]:
         """Fit (resuming from ``last.ckpt``) and test one run in a worker subprocess; its results.
 
         The worker (:mod:`defectseg.experiments.worker`) runs ``defectseg fit`` then
         ``defectseg test`` in one interpreter, with the commands stored in ``run.json``.
+
+        Args:
+            run: the run.
+            env: the worker's environment (default: :meth:`run_env` of the first slot).
 
         Raises:
             RunFailedError: the fit or the test failed.
@@ -659,7 +739,7 @@ class CompareRunner:
         start = time.perf_counter()
         result: int | LaunchResult = 1
         try:
-            result = self.launcher(command, run.run_dir / "run.log", self._env())
+            result = self.launcher(command, run.run_dir / "run.log", self.run_env() if env is None else env)
         finally:
             launched = result if isinstance(result, LaunchResult) else LaunchResult(int(result))
             state = _read_json(state_path) or state
@@ -698,7 +778,7 @@ class CompareRunner:
         elapsed = time.perf_counter() - clock
         eta = ""
         if durations:
-            left = (total - number + 1 + running) * (sum(durations) / len(durations)) / self.settings.jobs
+            left = (total - number + 1 + running) * (sum(durations) / len(durations)) / max(1, self.device_plan().jobs)
             eta = f", about {_format_seconds(left)} left"
         self.log(
             f"run {number}/{total}: {run.spec.config} seed {run.spec.seed} "
@@ -710,7 +790,7 @@ class CompareRunner:
         shown = ", ".join(
             f"{k} {m[k]:.4f}" for k in ("test/miou_defect", "test/global_defect_iou", "test/iou_imagewise") if k in m
         )
-        prefix = f"{run.spec.key} " if self.settings.jobs > 1 else ""
+        prefix = f"{run.spec.key} " if self.settings.jobs > 1 or self.executor is not None else ""
         self.log(f"  {prefix}done in {results['wall_time_s']:.0f} s: {shown}")
 
     def _log_failure(self, run: PlannedRun, err: Exception, failed: list[tuple[str, str]]) -> None:
@@ -723,21 +803,26 @@ class CompareRunner:
         """Run ``todo`` with ``jobs`` runs at a time (each a worker subprocess, waited for in a thread)."""
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+        jobs = self.device_plan().jobs
         queue = list(enumerate(todo, start=1))
-        running: dict[Any, tuple[PlannedRun, float]] = {}
+        free_slots = list(range(jobs))
+        running: dict[Any, tuple[PlannedRun, float, int]] = {}
         first_error: RunFailedError | None = None
-        pool = ThreadPoolExecutor(max_workers=self.settings.jobs, thread_name_prefix="defectseg-compare")
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="defectseg-compare")
         try:
             while queue or running:
-                while queue and len(running) < self.settings.jobs and first_error is None:
+                while queue and free_slots and first_error is None:
                     number, run = queue.pop(0)
+                    slot = free_slots.pop(0)
                     self._log_start(number, len(todo), run, clock, durations, running=len(running))
-                    running[pool.submit(self.run_one, run)] = (run, time.perf_counter())
+                    future = pool.submit(self.run_one, run, self.run_env(slot))
+                    running[future] = (run, time.perf_counter(), slot)
                 if not running:
                     break
                 done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for future in done:
-                    run, run_start = running.pop(future)
+                    run, run_start, slot = running.pop(future)
+                    free_slots.append(slot)
                     try:
                         results = future.result()
                     except RunFailedError as err:
@@ -872,7 +957,9 @@ class CompareRunner:
         durations: list[float] = []
         status = "finished"
         try:
-            if self.settings.jobs > 1:
+            if self.executor is not None:
+                self.executor.execute(self, todo, failed, durations)
+            elif self.device_plan().jobs > 1:
                 self._execute_parallel(todo, clock, failed, durations)
             else:
                 for number, run in enumerate(todo, start=1):
@@ -900,6 +987,7 @@ class CompareRunner:
                 argv, started, status=status if not failed or status != "finished" else "finished with failures",
                 finished=dt.datetime.now().isoformat(timespec="seconds"), wall_time_s=round(wall, 1),
                 runs_executed=len(durations), runs_failed=[key for key, _ in failed], jobs=self.settings.jobs,
+                executor=self.settings.executor,
             )
             if any(run.finished for run in plan):
                 write_reports(self.out, plan, self.settings, _read_json(self.out / PLAN_FILE))

@@ -12,6 +12,8 @@ rerun by hand. The state file is updated after each stage (``fit_done``, times,
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -94,8 +96,18 @@ def run(run_dir: Path) -> int:
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+def _ignore_job_signal() -> None:
+    """Ignore the signal a cluster job's step gets before its time limit (named by the job in
+    ``DEFECTSEG_WORKER_IGNORE_SIGNAL``): the job process stops this worker gently itself."""
+    name = os.environ.get("DEFECTSEG_WORKER_IGNORE_SIGNAL")
+    number = getattr(signal, name, None) if name else None
+    if isinstance(number, signal.Signals):
+        signal.signal(number, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ignore_job_signal()
     if argv and argv[0] in _SUBCOMMANDS:
         from defectseg.config import DefectSegCLI
 
