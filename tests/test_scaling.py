@@ -298,6 +298,17 @@ def test_slurm_executor_waits_for_queued_jobs_and_submits_the_rest(tmp_path, mon
     assert record["executor"] == "slurm" and record["job_id"] == "88_0"
 
 
+def test_slurm_options_without_a_cluster_executor_are_refused(tmp_path, capsys):
+    from defectseg.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--base", "b.yaml", "--grid", "g.yaml", "--out", str(tmp_path / "out"),
+              "--slurm-partition", "gpu", "--sbatch", "account=lab"])
+    assert exit_.value.code == 2
+    assert "--slurm-partition, --sbatch only apply to cluster jobs: add --executor slurm" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_worker_env_hides_the_task_variables_and_names_the_signal():
     env = worker_env({"SLURM_NTASKS": "1", "SLURM_JOB_ID": "5", "PATH": "/bin"}, "SIGUSR2")
     assert "SLURM_NTASKS" not in env and env["SLURM_JOB_ID"] == "5"

@@ -190,6 +190,15 @@ def compare_command(argv: list[str]) -> int:
     if args.quick and args.mode not in (None, "quick"):
         parser.error(f"--quick is --mode quick; it contradicts --mode {args.mode}")
     mode = "quick" if args.quick else (args.mode or "full")
+    cluster_options = {
+        "--slurm-partition": args.slurm_partition, "--slurm-time": args.slurm_time,
+        "--slurm-gpus": args.slurm_gpus, "--slurm-cpus": args.slurm_cpus, "--slurm-mem-gb": args.slurm_mem_gb,
+        "--slurm-array-parallelism": args.slurm_array_parallelism, "--slurm-setup": args.slurm_setup,
+        "--sbatch": args.sbatch,
+    }
+    given = [name for name, value in cluster_options.items() if value is not None]
+    if given and args.executor == "local":
+        parser.error(f"{', '.join(given)} only apply to cluster jobs: add --executor slurm (or submitit-local)")
     try:
         grid = Grid.from_yaml(args.grid)
         settings = CompareSettings(

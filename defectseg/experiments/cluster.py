@@ -36,6 +36,7 @@ from defectseg.experiments.runner import (
     CompareSettings,
     PlannedRun,
     RunFailedError,
+    _exited,
     _stop_gently,
 )
 
@@ -242,16 +243,8 @@ class RunJob:
         with _ACTIVE_LOCK:
             active = list(_ACTIVE)
         if active:  # the worker ignores submitit's signal: SIGINT it, then wait for last.ckpt
-            _stop_gently(active, lambda timeout: all(_wait(p, timeout) for p in active), grace=0.5)
+            _stop_gently(active, lambda timeout: all(_exited(p, timeout) for p in active), grace=0.5)
         return import_submitit().helpers.DelayedSubmission(RunJob(self.settings, self.run))
-
-
-def _wait(process: Any, timeout: float) -> bool:
-    try:
-        process.wait(timeout=timeout)
-        return True
-    except Exception:
-        return False
 
 
 class SubmititExecutor:
